@@ -1,0 +1,5 @@
+import sys
+
+from dooly_fx.cli import main
+
+sys.exit(main())

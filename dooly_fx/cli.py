@@ -1,0 +1,215 @@
+"""Command line: `python -m dooly_fx <verb> ...`.
+
+User mistakes print one line on stderr and exit with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from dooly_fx.engine import ATTN_IMPLS, ENGINES, PHASES, EngineProfile
+from dooly_fx.errors import UserError
+
+# Tables are wide; a pipe or a narrow terminal would wrap every cell.
+_out = Console(width=200) if not sys.stdout.isatty() else Console()
+_err = Console(stderr=True)
+
+
+def cmd_zoo(args: argparse.Namespace) -> None:
+    """List the built-in models.
+
+        python -m dooly_fx zoo
+        python -m dooly_fx zoo --json zoo.json
+    """
+    from dooly_fx.zoo import ZOO
+
+    rows = []
+    for entry in ZOO.values():
+        c = entry.config
+        rows.append({
+            "name": entry.name, "hf_id": entry.hf_id, "family": entry.family,
+            "layers": c.get("num_hidden_layers"), "hidden_size": c.get("hidden_size"),
+            "heads": c.get("num_attention_heads"), "kv_heads": c.get("num_key_value_heads"),
+            "intermediate_size": c.get("intermediate_size"), "vocab_size": c.get("vocab_size"),
+            "experts": c.get("num_local_experts") or c.get("num_experts"),
+            "sliding_window": c.get("sliding_window"),
+        })
+    if args.json:
+        _write_json(args.json, {"models": rows})
+    table = Table(title=f"dooly_fx zoo ({len(rows)} models)")
+    for col in ("name", "hf_id", "family", "layers", "hidden_size", "heads", "kv_heads",
+                "intermediate_size", "vocab_size", "experts", "sliding_window"):
+        table.add_column(col, justify="left" if col in ("name", "hf_id", "family") else "right")
+    for row in rows:
+        table.add_row(*("" if v is None else str(v) for v in row.values()))
+    _out.print(table)
+
+
+def cmd_capture(args: argparse.Namespace) -> None:
+    """Capture models symbolically and print their labelled op units.
+
+        python -m dooly_fx capture llama-3.1-8b
+        python -m dooly_fx capture qwen2.5-7b --phase decode --engine paged --json out.json
+        python -m dooly_fx capture llama-3.1-8b mistral-7b qwen2.5-7b --shared
+        python -m dooly_fx capture path/to/config.json --full-depth
+    """
+    from dooly_fx.report import analyze_model, shared_signatures
+    from dooly_fx.spec import resolve_model
+
+    engine = EngineProfile(engine=args.engine, attn_impl=args.attn, dtype=args.dtype)
+    phases = list(PHASES) if args.phase == "all" else [args.phase]
+    specs = [resolve_model(ref) for ref in args.models]
+    reports = []
+    with _progress() as progress:
+        task = progress.add_task("capture", total=len(specs) * len(phases))
+        for spec in specs:
+            progress.update(task, description=f"capture {spec.name}")
+            reports.append(analyze_model(spec, engine, phases, full_depth=args.full_depth,
+                                         on_phase=lambda: progress.advance(task)))
+    payload: dict = {"engine": engine.label, "models": [r.to_json() for r in reports]}
+    shared = shared_signatures(reports) if len(reports) > 1 else []
+    if len(reports) > 1:
+        payload["shared"] = shared
+    if args.json:
+        _write_json(args.json, payload)
+    if not args.quiet:
+        for report in reports:
+            if not args.shared:
+                _print_units(report)
+        _print_summary(reports)
+        if args.shared:
+            _print_shared(reports, shared)
+
+
+def _print_units(report) -> None:
+    for phase in report.phases:
+        regime = f" [{phase.regime}]" if phase.regime else ""
+        title = escape(f"{report.model} · {phase.phase}{regime} · {report.engine.label}")
+        table = Table(title=title, title_justify="left")
+        table.add_column("unit")
+        table.add_column("kind")
+        table.add_column("count", justify="right")
+        table.add_column("config dims (provenance = value)")
+        table.add_column("request dims")
+        table.add_column("signature")
+        for row in phase.graph.units:
+            config = ", ".join(f"{k}={v}" for k, v in row.config_dims.items())
+            table.add_row(row.role, row.kind, str(row.count), config,
+                          ", ".join(row.request_dims), row.signature.key[:12])
+        _out.print(table)
+
+
+def _print_summary(reports) -> None:
+    table = Table(title="summary", title_justify="left")
+    for col in ("model", "layers (built/total)", "units", "unit instances", "unique signatures",
+                "config dims", "request dims", "unlabelled dims", "seconds"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for report in reports:
+        s = report.summary()
+        table.add_row(report.model, f"{s['built_layers']}/{s['total_layers']}", str(s["units"]),
+                      str(s["unit_instances"]), str(s["unique_signatures"]),
+                      str(s["config_dims"]), str(s["request_dims"]), str(s["unlabelled_dims"]),
+                      f"{s['capture_seconds']:.2f}")
+    _out.print(table)
+    for report in reports:
+        s = report.summary()
+        if s["unlabelled"]:
+            _err.print(f"[yellow]{report.model}: unlabelled values: {s['unlabelled']}")
+        if s["specialised_fields"]:
+            _err.print(f"[yellow]{report.model}: config fields forced to constants by the model "
+                       f"code (no provenance): {', '.join(s['specialised_fields'])}")
+
+
+def _print_shared(reports, shared: list[dict]) -> None:
+    table = Table(title="signatures shared across models", title_justify="left")
+    table.add_column("signature")
+    table.add_column("kind")
+    table.add_column("example unit")
+    table.add_column("config dims")
+    table.add_column("models")
+    for entry in shared:
+        dims = ", ".join(f"{k}={v}" for k, v in entry["config_dims"].items())
+        table.add_row(entry["signature"][:12], entry["kind"], entry["role"], dims,
+                      ", ".join(entry["models"]))
+    _out.print(table)
+    per_model = Table(title="shared per model", title_justify="left")
+    for col in ("model", "unique signatures", "shared with another model"):
+        per_model.add_column(col, justify="left" if col == "model" else "right")
+    shared_keys = {e["signature"] for e in shared}
+    for report in reports:
+        sigs = report.signatures
+        per_model.add_row(report.model, str(len(sigs)), str(len(sigs & shared_keys)))
+    _out.print(per_model)
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/"
+                    "{task.total}"), TimeElapsedColumn(), console=_err, transient=True)
+
+
+def _write_json(path: str, payload: dict) -> None:
+    target = Path(path)
+    if target.parent and not target.parent.exists():
+        raise UserError(f"cannot write {path}: folder {target.parent} does not exist")
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    tmp.replace(target)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m dooly_fx",
+        description="Predict LLM serving latency from symbolic captures and per-op profiles.")
+    verbs = parser.add_subparsers(dest="verb", required=True)
+
+    zoo = verbs.add_parser("zoo", help="list the built-in models", description=cmd_zoo.__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    zoo.add_argument("--json", metavar="FILE", help="also write the list as JSON")
+    zoo.set_defaults(func=cmd_zoo)
+
+    cap = verbs.add_parser("capture", help="capture models and print labelled op units",
+                           description=cmd_capture.__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    cap.add_argument("models", nargs="+", metavar="MODEL",
+                     help="zoo name, HF id (zoo or local HF cache), config.json or model folder")
+    cap.add_argument("--phase", default="all", choices=[*PHASES, "all"])
+    cap.add_argument("--engine", default="padded", choices=ENGINES,
+                     help="padded: model(input_ids[B,S]) with DynamicCache; paged: continuous "
+                          "batching, tokens flattened to [1,T] (default: padded)")
+    cap.add_argument("--attn", default="sdpa", choices=ATTN_IMPLS, help="attention impl")
+    cap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    cap.add_argument("--full-depth", action="store_true",
+                     help="build every decoder layer instead of the repeating period")
+    cap.add_argument("--shared", action="store_true",
+                     help="show which signatures the given models share")
+    cap.add_argument("--json", metavar="FILE", help="write the report as JSON")
+    cap.add_argument("--quiet", action="store_true", help="print no tables")
+    cap.set_defaults(func=cmd_capture)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse already printed its one-line usage error
+        return int(exc.code or 0)
+    func: Callable[[argparse.Namespace], None] = args.func
+    try:
+        func(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0

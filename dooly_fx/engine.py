@@ -1,0 +1,55 @@
+"""Engine profiles: which engine executes the model, with which attention and dtype."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+PHASES = ("prefill", "decode", "mixed")
+ENGINES = ("padded", "paged")
+ATTN_IMPLS = ("sdpa", "eager")
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class EngineProfile:
+    """How a model is executed; part of every environment fingerprint."""
+
+    engine: str = "padded"
+    """'padded': `model(input_ids[B, S], past_key_values=DynamicCache)`.
+    'paged': transformers continuous batching, tokens flattened to `[1, T]`, paged KV cache."""
+    attn_impl: str = "sdpa"
+    """Attention implementation: 'sdpa' or 'eager' (paged: the backend behind `paged|<impl>`)."""
+    dtype: str = "bfloat16"
+    """Activation and weight dtype."""
+    experts_impl: str = "grouped_mm"
+    """MoE experts implementation in transformers ('grouped_mm' or 'batched_mm')."""
+    tp: int = 1
+    """Tensor-parallel degree (1: no sharding)."""
+
+    def __post_init__(self) -> None:
+        from dooly_fx.errors import UserError
+
+        if self.engine not in ENGINES:
+            raise UserError(f"unknown engine '{self.engine}'; choose from {', '.join(ENGINES)}")
+        if self.attn_impl not in ATTN_IMPLS:
+            raise UserError(
+                f"unknown attention '{self.attn_impl}'; choose from {', '.join(ATTN_IMPLS)}")
+        if self.dtype not in _DTYPES:
+            raise UserError(f"unknown dtype '{self.dtype}'; choose from {', '.join(_DTYPES)}")
+        if self.tp != 1:
+            raise UserError("tensor parallelism (--tp > 1) is not supported yet")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype]
+
+    @property
+    def attn_backend_name(self) -> str:
+        """The `attn_implementation` string the model is built with."""
+        return "dooly_paged" if self.engine == "paged" else self.attn_impl
+
+    @property
+    def label(self) -> str:
+        return f"{self.engine}|{self.attn_impl}|{self.dtype}"

@@ -1,0 +1,15 @@
+"""User-facing errors: reported as one line on stderr with exit status 2, never a traceback."""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A mistake in what the user asked for (unknown model, malformed config, bad flag value)."""
+
+
+class StageError(UserError):
+    """A model that cannot go through one pipeline stage; the message names the stage."""
+
+    def __init__(self, stage: str, model: str, reason: str) -> None:
+        self.stage = stage
+        super().__init__(f"{model}: {stage} failed: {reason}")

@@ -1,0 +1,1 @@
+"""Fused Triton kernels for op units (profiled as a fused-engine variant)."""

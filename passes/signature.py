@@ -1,0 +1,99 @@
+"""Stage 5: a canonical, model-name-free signature per op unit; its SHA-256 is the DB key.
+
+`signature(unit) -> Signature` reads the labels written by `taint` (`meta["dooly.taint"]`). The
+canonical form holds what decides a unit's latency and nothing else:
+
+* kind, ops in order, and the int/bool/str arguments of the ops (floats such as eps, scale or
+  rope theta are dropped; window sizes, causality and softcap *ops* stay);
+* input and output tensors as dtype + dims, config dims as plain values (provenance differs
+  between models that share a kernel and must not split them);
+* request dims: for token-wise kinds (GEMMs, norms, activations, residual adds, rotary,
+  embedding) every request dim collapses into one token variable `m`, so the same GEMM keys the
+  same in the padded `[B, S, K]` and the flattened `[1, T, K]` layout; for attention, cache and
+  mask units the request expressions over (B, S, P, T, N) are kept as they are.
+
+    q_proj of Llama-3.1-8B:  {"kind": "gemm", "inputs": [["bfloat16", ["m", 4096]],
+                              ["bfloat16", [4096, 4096]]], "ops": ["linear"], ...}  -> 3f2a...
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+
+from dooly_fx.passes.partition import OpUnit, op_name, unit_inputs, unit_outputs
+from dooly_fx.passes.taint import META_KEY as TAINT_KEY
+from dooly_fx.passes.taint import Config, TensorLabel
+
+TOKENWISE = {"gemm", "lm_head", "norm", "act", "act_mul", "residual", "rotary", "embedding",
+             "router", "moe_experts", "elementwise", "gather"}
+TOKEN_VAR = "m"
+
+
+@dataclass(frozen=True)
+class Signature:
+    """Canonical JSON of a unit and its SHA-256 hex digest."""
+
+    key: str
+    canonical: str
+
+    @property
+    def data(self) -> dict:
+        return json.loads(self.canonical)
+
+
+def _dims(label: TensorLabel, tokenwise: bool) -> list:
+    dims: list = []
+    for dim in label.dims:
+        if isinstance(dim, Config):
+            if not (tokenwise and dim.value == 1):
+                dims.append(dim.value)
+        elif tokenwise:
+            if TOKEN_VAR not in dims:
+                dims.append(TOKEN_VAR)
+        else:
+            dims.append(str(dim))
+    return dims
+
+
+def _tensor(node: torch.fx.Node, tokenwise: bool) -> list | None:
+    labels = node.meta.get(TAINT_KEY)
+    if not isinstance(labels, tuple) or not labels or not isinstance(labels[0], TensorLabel):
+        return None
+    label = labels[0]
+    return [str(label.dtype).removeprefix("torch."), _dims(label, tokenwise)]
+
+
+def _scalars(node: torch.fx.Node) -> list:
+    out: list = []
+    for arg in [*node.args, *node.kwargs.values()]:
+        if isinstance(arg, bool | str) or (isinstance(arg, int) and not isinstance(arg, bool)):
+            out.append(arg)
+        elif isinstance(arg, torch.dtype):
+            out.append(str(arg).removeprefix("torch."))
+    return out
+
+
+def canonical(unit: OpUnit) -> dict:
+    """The signature's content as a dict (see module docstring)."""
+    tokenwise = unit.kind in TOKENWISE
+    inputs = [d for d in (_tensor(n, tokenwise) for n in unit_inputs(unit)) if d is not None]
+    outputs = [d for d in (_tensor(n, tokenwise) for n in unit_outputs(unit)) if d is not None]
+    compute = unit.compute_nodes
+    return {
+        "kind": unit.kind,
+        "ops": [op_name(n) for n in compute],
+        "scalars": [_scalars(n) for n in compute],
+        "inputs": inputs,
+        "outputs": outputs,
+    }
+
+
+def signature(unit: OpUnit) -> Signature:
+    """The unit's signature: canonical JSON (sorted keys) and its SHA-256."""
+    text = json.dumps(canonical(unit), sort_keys=True, separators=(",", ":"))
+    return Signature(hashlib.sha256(text.encode()).hexdigest(), text)
