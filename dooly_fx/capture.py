@@ -21,12 +21,10 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Hashable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch._dynamo.config
 import torch.fx
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -36,6 +34,7 @@ from dooly_fx.engine import PHASES, EngineProfile
 from dooly_fx.errors import StageError, UserError
 from dooly_fx.spec import ModelSpec
 from dooly_fx.symbols import REQUEST_HINTS, SymbolTable
+from dooly_fx.tracing import eager_tracing, symbolic_build
 
 # Integer config fields that are made symbolic, matched by name (the generic path: any
 # architecture's dimension fields follow these conventions in transformers).
@@ -151,24 +150,6 @@ def _is_dim_field(name: str, value: object) -> bool:
     return name in _DIM_FIELD_EXACT or name.endswith(_DIM_FIELD_SUFFIXES)
 
 
-@contextmanager
-def _full_stack_traces() -> Iterator[None]:
-    """Record the whole Python stack per node (HF helper functions delimit kernels)."""
-    from torch.fx.experimental import proxy_tensor
-
-    original = proxy_tensor._ModuleStackTracer.__init__
-
-    def init(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        self._record_forward_stack_traces_only = False
-
-    proxy_tensor._ModuleStackTracer.__init__ = init
-    try:
-        yield
-    finally:
-        proxy_tensor._ModuleStackTracer.__init__ = original
-
-
 def _symbolic_config(spec: ModelSpec, engine: EngineProfile, plan: LayerPlan, table: SymbolTable):
     """A copy of the model's config, cut to the built layers, with dimension fields as SymInts."""
     config = copy.deepcopy(spec.config)
@@ -200,68 +181,10 @@ def _has_experts(config) -> bool:
 
 def _build(config, fields: dict[str, int], mode: FakeTensorMode, dtype: torch.dtype) -> nn.Module:
     from transformers import AutoModelForCausalLM
-    from transformers.initialization import no_init_weights
 
-    # Weight init would specialise fan-in sizes (kaiming computes sqrt(fan_in)); it is moot here.
-    with mode, no_init_weights(), _no_reset_parameters(), _symbolic_rope_init(fields):
+    with mode, symbolic_build(fields):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model.eval()
-
-
-@contextmanager
-def _no_reset_parameters() -> Iterator[None]:
-    """Skip `reset_parameters` of torch.nn modules (Linear's bias bound is 1/sqrt(fan_in))."""
-    classes = [c for c in vars(nn).values() if isinstance(c, type) and issubclass(c, nn.Module)
-               and "reset_parameters" in c.__dict__]
-    originals = {c: c.__dict__["reset_parameters"] for c in classes}
-    try:
-        for cls in classes:
-            cls.reset_parameters = lambda self: None
-        yield
-    finally:
-        for cls, fn in originals.items():
-            cls.reset_parameters = fn
-
-
-@contextmanager
-def _symbolic_rope_init(fields: dict[str, int]) -> Iterator[None]:
-    """Keep `inv_freq`'s length symbolic in the head dim.
-
-    transformers' rope initialisers compute `int(head_dim * partial_rotary_factor)`, which would
-    force head_dim to a constant. Under fake tensors only the buffer's shape matters, so each
-    initialiser runs on a concrete copy of the config (for its attention scaling) and returns a
-    buffer of the symbolic length.
-    """
-    from fractions import Fraction
-
-    from transformers import modeling_rope_utils
-
-    table = modeling_rope_utils.ROPE_INIT_FUNCTIONS
-    originals = dict(table)
-
-    def wrap(fn):
-        def init(config, device=None, *args, **kwargs):
-            concrete = copy.copy(config)
-            concrete.__dict__.update(fields)
-            inv_freq, scaling = fn(concrete, device, *args, **kwargs)
-            head_dim = getattr(config, "head_dim", None) or \
-                config.hidden_size // config.num_attention_heads
-            concrete_head_dim = getattr(concrete, "head_dim", None) or \
-                concrete.hidden_size // concrete.num_attention_heads
-            ratio = Fraction(2 * inv_freq.shape[0], concrete_head_dim)
-            if isinstance(head_dim, int) or ratio.denominator > 64:
-                return inv_freq, scaling
-            rotary_dim = head_dim * ratio.numerator // ratio.denominator
-            return torch.empty((rotary_dim // 2,), dtype=inv_freq.dtype), scaling
-        return init
-
-    try:
-        for name, fn in originals.items():
-            table[name] = wrap(fn)
-        yield
-    finally:
-        table.clear()
-        table.update(originals)
 
 
 # --- phase wrappers ------------------------------------------------------------------------------
@@ -345,34 +268,12 @@ def _window(config) -> int | None:
     return None
 
 
-@contextmanager
-def _eager_masks() -> Iterator[None]:
-    """Build attention masks as eager execution does, not as a traced graph would.
-
-    transformers materialises an explicit causal mask whenever it detects tracing, which
-    `make_fx` triggers; eager sdpa with no padding passes `is_causal=True` instead (and so runs
-    the flash kernel). Batches here are unpadded and unpacked, which is what eager's
-    data-dependent checks would find.
-    """
-    from transformers import masking_utils
-
-    saved = masking_utils.is_tracing, masking_utils.find_packed_sequence_indices
-    masking_utils.is_tracing = lambda tensor=None: False
-    masking_utils.find_packed_sequence_indices = lambda position_ids: None
-    try:
-        yield
-    finally:
-        masking_utils.is_tracing, masking_utils.find_packed_sequence_indices = saved
-
-
 def _trace(module: nn.Module, args: tuple) -> torch.fx.GraphModule:
     def fn(*a):
         return module(*a)
 
     fn._orig_mod = module  # make_fx records nn_module_stack for this root
-    # FakeTensor's op cache costs more than it saves on symbolic shapes (2x slower capture).
-    no_cache = torch._dynamo.config.patch(fake_tensor_cache_enabled=False)
-    with _full_stack_traces(), _eager_masks(), no_cache:
+    with eager_tracing():
         return make_fx(fn, tracing_mode="fake", pre_dispatch=True, record_module_stack=True)(*args)
 
 

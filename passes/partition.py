@@ -37,6 +37,8 @@ _VIEW_OPS = {
     aten.narrow.default, aten.view_as.default, aten.expand_as.default, aten.lift_fresh.default,
     # Constants materialised from Python values (`torch.tensor(window)`): host-side, no kernel.
     aten.lift_fresh_copy.default, aten.detach_.default,
+    # Metadata assertions in exported graphs.
+    aten._assert_tensor_metadata.default, aten._assert_scalar.default,
 }
 _GEMM_OPS = {aten.linear.default, aten.mm.default, aten.addmm.default, aten.matmul.default,
              aten.bmm.default}
@@ -46,7 +48,8 @@ _ACT_CLASSES = {"SiLU", "GELU", "ReLU", "Tanh", "Sigmoid", "GELUActivation", "Si
                 "PytorchGELUTanh", "GELUTanh", "NewGELUActivation", "FastGELUActivation"}
 _WRAPPER_MODULE = "dooly_fx.capture."
 _DYNAMO_ROOT = re.compile(r"^L\['\w+'\]\.?")
-_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\w+)')
+_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\w+)\n?([^\n]*)')
+_CALLEE = re.compile(r"(?:^|=)\s*([\w.]+)\(")
 _LAYER = re.compile(r"layers\.(\d+)(?:\.|$)")
 
 
@@ -83,7 +86,25 @@ def op_name(node: torch.fx.Node) -> str:
     target = node.target
     if isinstance(target, torch._ops.OpOverload):
         return target._opname
+    if isinstance(target, torch._ops.HigherOrderOperator):
+        return target.name()
     return getattr(target, "__name__", str(target))
+
+
+def kernel_ops(node: torch.fx.Node) -> list[str]:
+    """Names of the kernels a node launches: itself, or the ops of a higher-order op's subgraph
+    (`wrap_with_set_grad_enabled` around the rotary cos/sin in exported graphs)."""
+    if not isinstance(node.target, torch._ops.HigherOrderOperator):
+        return [op_name(node)]
+    owner = node.graph.owning_module
+    names = [op_name(node)]
+    for arg in node.args:
+        if isinstance(arg, torch.fx.Node) and arg.op == "get_attr" and owner is not None:
+            sub = fetch_attr(owner, arg.target)
+            if isinstance(sub, torch.fx.GraphModule):
+                names += [n for inner in sub.graph.nodes if inner.op == "call_function"
+                          and not is_view(inner) for n in kernel_ops(inner)]
+    return names
 
 
 def is_view(node: torch.fx.Node) -> bool:
@@ -92,6 +113,8 @@ def is_view(node: torch.fx.Node) -> bool:
         return True
     if node.target in _VIEW_OPS:
         return True
+    if isinstance(node.target, torch._ops.HigherOrderOperator):
+        return False  # runs a subgraph of kernels
     if not isinstance(node.target, torch._ops.OpOverload):  # operator.mul on SymInts, getitem
         return True
     if node.target in (aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten._to_copy.default):
@@ -135,13 +158,22 @@ def _module(node: torch.fx.Node) -> tuple[str, str]:
 
 
 def _call_site(node: torch.fx.Node) -> str:
-    """'<line>:<helper>' for the statement in the innermost `forward` that issued `node`."""
+    """'<line>:<helper>' for the statement in the innermost `forward` that issued `node`.
+
+    The helper is the function that statement called: the next frame when the stack is whole
+    (our capture), else the callee named in the statement's source text (`torch.export` and
+    `torch.compile` keep only `forward` frames): `causal_mask = create_causal_mask(`.
+    """
     frames = [f for f in _FRAME.findall(node.meta.get("stack_trace") or "")
               if "/torch/" not in f[0]]
     last = max((i for i, f in enumerate(frames) if f[2] == "forward"), default=None)
     if last is None:
         return ""
-    helper = frames[last + 1][2] if last + 1 < len(frames) else ""
+    if last + 1 < len(frames):
+        helper = frames[last + 1][2]
+    else:
+        callee = _CALLEE.search(frames[last][3].strip())
+        helper = callee.group(1).rsplit(".", 1)[-1] if callee else ""
     return f"{frames[last][1]}:{helper}"
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
-from dooly_fx.passes.partition import OpUnit, op_name, unit_inputs, unit_outputs
+from dooly_fx.passes.partition import OpUnit, kernel_ops, unit_inputs, unit_outputs
 from dooly_fx.passes.taint import META_KEY as TAINT_KEY
 from dooly_fx.passes.taint import Config, TensorLabel
 
@@ -86,7 +86,7 @@ def canonical(unit: OpUnit) -> dict:
     compute = unit.compute_nodes
     return {
         "kind": unit.kind,
-        "ops": [op_name(n) for n in compute],
+        "ops": [name for n in compute for name in kernel_ops(n)],
         "scalars": [_scalars(n) for n in compute],
         "inputs": inputs,
         "outputs": outputs,
