@@ -34,7 +34,7 @@ from dooly_fx.engine import PHASES, EngineProfile
 from dooly_fx.errors import StageError, UserError
 from dooly_fx.spec import ModelSpec
 from dooly_fx.symbols import REQUEST_HINTS, SymbolTable
-from dooly_fx.tracing import eager_tracing, symbolic_build
+from dooly_fx.tracing import concretise_floats, eager_tracing, symbolic_build
 
 # Integer config fields that are made symbolic, matched by name (the generic path: any
 # architecture's dimension fields follow these conventions in transformers).
@@ -184,6 +184,7 @@ def _build(config, fields: dict[str, int], mode: FakeTensorMode, dtype: torch.dt
 
     with mode, symbolic_build(fields):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    concretise_floats(model)
     return model.eval()
 
 

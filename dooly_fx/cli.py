@@ -13,7 +13,13 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from dooly_fx.engine import ATTN_IMPLS, ENGINES, PHASES, EngineProfile
@@ -90,6 +96,162 @@ def cmd_capture(args: argparse.Namespace) -> None:
             _print_shared(reports, shared)
 
 
+def _sweep_args(args: argparse.Namespace):
+    from dooly_fx.spec import resolve_model
+    from dooly_fx.sweep import Bounds
+
+    for name in ("max_tokens", "max_seqs", "max_context"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be a positive integer")
+    engine = EngineProfile(engine=args.engine, attn_impl=args.attn, dtype=args.dtype)
+    bounds = Bounds(args.max_tokens, args.max_seqs, args.max_context)
+    phases = list(PHASES) if args.phase == "all" else [args.phase]
+    return [resolve_model(ref) for ref in args.models], engine, bounds, phases
+
+
+def _collect(specs, engine, phases):
+    from dooly_fx.profile import collect
+
+    with _progress() as progress:
+        task = progress.add_task("capture", total=len(specs))
+        return collect(specs, engine, phases, on_model=lambda _: progress.advance(task))
+
+
+def cmd_plan(args: argparse.Namespace) -> None:
+    """What is covered and missing in a latency DB, and what dedup saves.
+
+        python -m dooly_fx plan llama-3.1-8b mistral-7b qwen2.5-7b --db lat.db --device cuda
+        python -m dooly_fx plan llama-3.1-8b --db lat.db --device cpu --max-tokens 64 --json p.json
+    """
+    from dooly_fx.db import LatencyDB
+    from dooly_fx.profile import plan, plan_environment
+
+    specs, engine, bounds, phases = _sweep_args(args)
+    coll = _collect(specs, engine, phases)
+    with LatencyDB.open(args.db, create=False) if Path(args.db).exists() else _no_db() as db:
+        env = plan_environment(db, args.device, engine)
+        report = plan(db, coll, env, bounds, [s.name for s in specs])
+    if args.json:
+        _write_json(args.json, report)
+    _print_plan(report)
+
+
+class _EmptyDB:
+    """Stands in for a DB file that does not exist yet (plan must not create one)."""
+
+    def point_status(self, env, signature=None):
+        return {}
+
+    def environments(self):
+        return []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+
+def _no_db() -> _EmptyDB:
+    return _EmptyDB()
+
+
+def _print_plan(report: dict) -> None:
+    table = Table(title=f"plan · {report['device']} · env {report['environment'][:12]}",
+                  title_justify="left")
+    for col in ("model", "signatures", "points", "covered", "missing", "est. missing s",
+                "est. s alone"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for m in report["models"]:
+        table.add_row(m["model"], str(m["signatures"]), str(m["points"]),
+                      str(m["covered_points"]), str(m["missing_points"]),
+                      f"{m['estimated_missing_seconds']:.0f}",
+                      f"{m['estimated_seconds_alone']:.0f}")
+    _out.print(table)
+    _out.print(
+        f"unique signatures {report['unique_signatures']} · unique points "
+        f"{report['unique_points']} · missing {report['missing_points']} "
+        f"(~{report['estimated_missing_seconds']:.0f} s) · dedup "
+        f"~{report['estimated_seconds_dedup']:.0f} s vs per-model "
+        f"~{report['estimated_seconds_per_model']:.0f} s · saving {report['saving']:.1%}")
+
+
+def cmd_profile(args: argparse.Namespace) -> None:
+    """Profile the missing points of the given models into a latency DB (resumable).
+
+        python -m dooly_fx profile llama-3.1-8b mistral-7b --db lat.db --device cuda
+        python -m dooly_fx profile llama-3.1-70b --db lat.db --devices 0,1,2,3
+        python -m dooly_fx profile llama-3.1-8b --db lat.db --device cpu --max-tokens 64 \\
+            --max-seqs 4 --max-context 256
+    """
+    from dooly_fx.db import LatencyDB
+    from dooly_fx.profile import command_line, environment, plan, profile, spawn_workers
+
+    specs, engine, bounds, phases = _sweep_args(args)
+    devices = _devices(args)
+    budget = (args.warmup_ms, args.rep_ms)
+    coll = _collect(specs, engine, phases)
+    with LatencyDB.open(args.db) as db:
+        env = environment(devices[0], engine)
+        before = plan(db, coll, env, bounds, [s.name for s in specs])
+        for m in before["models"]:
+            if m["missing_points"] == 0:
+                _out.print(f"{m['model']}: all {m['points']} points covered on {env.device}; "
+                           "nothing to profile")
+        if before["missing_points"] == 0:
+            return
+        total = sum(len(points_of) for points_of in _grids(coll, bounds))
+        with _progress(eta=True) as progress:
+            task = progress.add_task(f"profile on {env.device}", total=total)
+            advance = lambda: progress.advance(task)  # noqa: E731
+            try:
+                if len(devices) > 1:
+                    results = spawn_workers([s.name for s in specs], engine, phases, bounds,
+                                            args.db, devices, command_line(), advance, budget)
+                else:
+                    results = [profile(db, coll, env, bounds, devices[0], command_line(),
+                                       on_point=advance, budget_ms=budget)]
+            except KeyboardInterrupt:
+                raise UserError("interrupted: measured points are saved; run the same command "
+                                "again to finish the rest") from None
+        after = plan(db, coll, env, bounds, [s.name for s in specs])
+    _print_profile(results, before, after)
+
+
+def _grids(coll, bounds):
+    from dooly_fx.sweep import points
+
+    return [points(case.canonical, bounds) for case in coll.cases.values()]
+
+
+def _devices(args: argparse.Namespace) -> list[str]:
+    if args.devices:
+        try:
+            ids = [int(d) for d in args.devices.split(",")]
+        except ValueError:
+            raise UserError(f"--devices takes GPU indices like 0,1,2; got '{args.devices}'") \
+                from None
+        return [f"cuda:{i}" for i in ids]
+    return [args.device]
+
+
+def _print_profile(results, before: dict, after: dict) -> None:
+    table = Table(title="profile", title_justify="left")
+    for col in ("measured", "failed", "oom (infeasible)", "device seconds", "missing before",
+                "missing after"):
+        table.add_column(col, justify="right")
+    table.add_row(str(sum(r.measured for r in results)), str(sum(r.failed for r in results)),
+                  str(sum(r.oom for r in results)),
+                  f"{sum(r.device_seconds for r in results):.1f}",
+                  str(before["missing_points"]), str(after["missing_points"]))
+    _out.print(table)
+    errors = [e for r in results for e in r.errors]
+    for line in errors[:10]:
+        _err.print(f"[yellow]failed: {escape(line)}")
+    if len(errors) > 10:
+        _err.print(f"[yellow]... and {len(errors) - 10} more failures")
+
+
 def _print_units(report) -> None:
     for phase in report.phases:
         regime = f" [{phase.regime}]" if phase.regime else ""
@@ -151,9 +313,12 @@ def _print_shared(reports, shared: list[dict]) -> None:
     _out.print(per_model)
 
 
-def _progress() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/"
-                    "{task.total}"), TimeElapsedColumn(), console=_err, transient=True)
+def _progress(eta: bool = False) -> Progress:
+    columns = [TextColumn("{task.description}"), BarColumn(),
+               TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn()]
+    if eta:
+        columns.append(TimeRemainingColumn())
+    return Progress(*columns, console=_err, transient=True)
 
 
 def _write_json(path: str, payload: dict) -> None:
@@ -182,11 +347,7 @@ def _parser() -> argparse.ArgumentParser:
     cap.add_argument("models", nargs="+", metavar="MODEL",
                      help="zoo name, HF id (zoo or local HF cache), config.json or model folder")
     cap.add_argument("--phase", default="all", choices=[*PHASES, "all"])
-    cap.add_argument("--engine", default="padded", choices=ENGINES,
-                     help="padded: model(input_ids[B,S]) with DynamicCache; paged: continuous "
-                          "batching, tokens flattened to [1,T] (default: padded)")
-    cap.add_argument("--attn", default="sdpa", choices=ATTN_IMPLS, help="attention impl")
-    cap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    _engine_args(cap)
     cap.add_argument("--full-depth", action="store_true",
                      help="build every decoder layer instead of the repeating period")
     cap.add_argument("--shared", action="store_true",
@@ -194,7 +355,39 @@ def _parser() -> argparse.ArgumentParser:
     cap.add_argument("--json", metavar="FILE", help="write the report as JSON")
     cap.add_argument("--quiet", action="store_true", help="print no tables")
     cap.set_defaults(func=cmd_capture)
+
+    for name, func, text in (("plan", cmd_plan, "covered vs missing points, and the dedup saving"),
+                             ("profile", cmd_profile, "profile missing points into a latency DB")):
+        verb = verbs.add_parser(name, help=text, description=func.__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+        verb.add_argument("models", nargs="+", metavar="MODEL")
+        verb.add_argument("--db", required=True, metavar="FILE", help="latency DB (SQLite)")
+        verb.add_argument("--device", default="cuda", choices=("cpu", "cuda"))
+        verb.add_argument("--max-tokens", type=int, default=16384, help="new tokens per step")
+        verb.add_argument("--max-seqs", type=int, default=256, help="sequences per step")
+        verb.add_argument("--max-context", type=int, default=32768,
+                          help="cached + new tokens of one sequence")
+        _engine_args(verb)
+        verb.add_argument("--phase", default="all", choices=[*PHASES, "all"])
+        if name == "plan":
+            verb.add_argument("--json", metavar="FILE", help="write the plan as JSON")
+        else:
+            verb.add_argument("--devices", metavar="IDS",
+                              help="GPU indices, one profiler process each (e.g. 0,1,2,3)")
+            verb.add_argument("--warmup-ms", type=float, default=25.0,
+                              help="warm-up budget per point")
+            verb.add_argument("--rep-ms", type=float, default=100.0,
+                              help="timed repetitions budget per point (>= 10 samples)")
+        verb.set_defaults(func=func)
     return parser
+
+
+def _engine_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--engine", default="padded", choices=ENGINES,
+                        help="padded: model(input_ids[B,S]) with DynamicCache; paged: continuous "
+                             "batching, tokens flattened to [1,T] (default: padded)")
+    parser.add_argument("--attn", default="sdpa", choices=ATTN_IMPLS, help="attention impl")
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

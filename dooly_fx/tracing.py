@@ -27,6 +27,18 @@ def symbolic_build(fields: dict[str, int]) -> Iterator[None]:
         yield
 
 
+def concretise_floats(model: nn.Module) -> None:
+    """Replace SymFloat attributes (`scaling = head_dim ** -0.5`) by their example values.
+
+    A float made from config symbols while building is not a traced value, so an op using it
+    could not be recorded; a scale carries no dimension provenance anyway.
+    """
+    for module in model.modules():
+        for name, value in list(vars(module).items()):
+            if isinstance(value, torch.SymFloat):
+                setattr(module, name, float(value.node.hint))
+
+
 @contextmanager
 def eager_tracing() -> Iterator[None]:
     """Trace the way eager execution runs, recording the Python call stack of every node."""

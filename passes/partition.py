@@ -209,7 +209,7 @@ def _anchor(node: torch.fx.Node, gm: torch.fx.GraphModule) -> str | None:
     if name == "embedding":
         return "embedding"
     if name in ("paged_attention", "kv_cache_write"):
-        return "attention" if name == "paged_attention" else "kv_cache_write"
+        return name
     return None
 
 

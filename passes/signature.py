@@ -22,12 +22,13 @@ import hashlib
 import json
 from dataclasses import dataclass
 
+import sympy
 import torch
 import torch.fx
 
 from dooly_fx.passes.partition import OpUnit, kernel_ops, unit_inputs, unit_outputs
 from dooly_fx.passes.taint import META_KEY as TAINT_KEY
-from dooly_fx.passes.taint import Config, TensorLabel
+from dooly_fx.passes.taint import Config, Mixed, Request, TensorLabel
 
 TOKENWISE = {"gemm", "lm_head", "norm", "act", "act_mul", "residual", "rotary", "embedding",
              "router", "moe_experts", "elementwise", "gather"}
@@ -61,7 +62,10 @@ def _dims(label: TensorLabel, tokenwise: bool) -> list:
 
 
 def _tensor(node: torch.fx.Node, tokenwise: bool) -> list | None:
+    """[dtype, dims] of a tensor value, or ["symint", [dim]] of a SymInt (an `arange(S)` bound)."""
     labels = node.meta.get(TAINT_KEY)
+    if isinstance(labels, Config | Request | Mixed):
+        return ["symint", _dims(TensorLabel(torch.int64, (labels,)), tokenwise)]
     if not isinstance(labels, tuple) or not labels or not isinstance(labels[0], TensorLabel):
         return None
     label = labels[0]
@@ -78,9 +82,24 @@ def _scalars(node: torch.fx.Node) -> list:
     return out
 
 
+def _token_products(nodes: list[torch.fx.Node]) -> set[str]:
+    """Distinct products of request dims over the tensors of `nodes`."""
+    products = set()
+    for node in nodes:
+        labels = node.meta.get(TAINT_KEY)
+        if isinstance(labels, tuple) and labels and isinstance(labels[0], TensorLabel):
+            request = [d.expr for d in labels[0].dims if not isinstance(d, Config)]
+            if request:
+                products.add(str(sympy.Mul(*request)))
+    return products
+
+
 def canonical(unit: OpUnit) -> dict:
     """The signature's content as a dict (see module docstring)."""
-    tokenwise = unit.kind in TOKENWISE
+    # Collapse to one token variable only if every tensor sees the same token count (a gather
+    # of N rows out of T tokens keeps both).
+    tokenwise = unit.kind in TOKENWISE and \
+        len(_token_products([*unit_inputs(unit), *unit_outputs(unit)])) <= 1
     inputs = [d for d in (_tensor(n, tokenwise) for n in unit_inputs(unit)) if d is not None]
     outputs = [d for d in (_tensor(n, tokenwise) for n in unit_outputs(unit)) if d is not None]
     compute = unit.compute_nodes

@@ -161,7 +161,8 @@ def test_signatures_shared_across_models_and_layouts():
     assert {k for k in llama if llama[k] != vocab[k]} == {"model.embed_tokens", "lm_head"}
     # A GEMM keys the same in the padded [B, S, K] and flattened [1, T, K] layouts.
     assert paged[qproj] == llama[qproj]
-    (paged_attention,) = [r for r in paged_report.phases[0].graph.units if r.kind == "attention"]
+    (paged_attention,) = [r for r in paged_report.phases[0].graph.units
+                          if r.kind == "paged_attention"]
     assert paged_attention.signature.key != llama["model.layers.*.self_attn:sdpa_attention_forward"]
 
 
@@ -194,7 +195,7 @@ def test_paged_engine_phases():
     report = analyze_model(tiny_spec("llama-3.1-8b"), PAGED, ["prefill", "decode"])
     prefill, decode = report.phases
     attn = {r.kind: r for r in prefill.graph.units}
-    assert attn["attention"].signature.data["ops"] == ["paged_attention"]
+    assert attn["paged_attention"].signature.data["ops"] == ["paged_attention"]
     assert attn["kv_cache_write"].count == 3
     assert attn["lm_head"].request_dims == ["N"]  # logits for each sequence's last token
     # T = N in decode; N + 1 is the length of the cumulative sequence offsets.

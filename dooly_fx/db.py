@@ -1,0 +1,380 @@
+"""The latency DB: one SQLite file (WAL mode), schema versioned. See `docs/latency_db.md`.
+
+Rows are keyed by content hashes: a unit's signature (SHA-256 of its canonical JSON), an
+environment's fingerprint (SHA-256 of device, driver, library versions and engine profile), and
+a sweep point's canonical JSON. Coverage is per point: a point is `ok` only once a timing is
+stored; `failed` and `oom` points are recorded as such (retried, or skipped as infeasible), and a
+point being measured is `claimed` by one profiler process, so concurrent profilers split the work
+and a killed profiler's claims are taken over.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from dooly_fx.errors import UserError
+
+APP_ID = "dooly_fx latency db"
+SCHEMA_VERSION = 1
+CLAIM_TIMEOUT_S = 600.0
+"""A claim older than this, or held by a process that no longer exists, can be taken over."""
+
+_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE environments (
+    fingerprint TEXT PRIMARY KEY,
+    device TEXT NOT NULL,
+    info TEXT NOT NULL,               -- JSON: device, capability, driver, cuda, versions, engine
+    created_at REAL NOT NULL
+);
+CREATE TABLE signatures (
+    key TEXT PRIMARY KEY,             -- SHA-256 of canonical
+    kind TEXT NOT NULL,
+    canonical TEXT NOT NULL
+);
+CREATE TABLE models (
+    name TEXT NOT NULL,
+    engine TEXT NOT NULL,
+    config TEXT NOT NULL,             -- JSON of the model's config fields
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (name, engine)
+);
+CREATE TABLE model_units (
+    model TEXT NOT NULL,
+    engine TEXT NOT NULL,
+    phase TEXT NOT NULL,
+    regime TEXT NOT NULL,
+    role TEXT NOT NULL,
+    signature TEXT NOT NULL REFERENCES signatures(key),
+    count INTEGER NOT NULL,
+    PRIMARY KEY (model, engine, phase, regime, role, signature)
+);
+CREATE TABLE points (
+    signature TEXT NOT NULL REFERENCES signatures(key),
+    env TEXT NOT NULL REFERENCES environments(fingerprint),
+    point TEXT NOT NULL,              -- canonical JSON of request values, e.g. {"m":512}
+    status TEXT NOT NULL CHECK (status IN ('claimed', 'ok', 'failed', 'oom')),
+    median_ms REAL, mean_ms REAL, min_ms REAL, max_ms REAL, std_ms REAL, n INTEGER,
+    host_ms REAL,                     -- host time to issue the unit once (eager dispatch)
+    attempts INTEGER NOT NULL DEFAULT 0,
+    error TEXT,
+    claimed_by TEXT,                  -- host:pid of the profiler holding the claim
+    run_id INTEGER REFERENCES runs(id),
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (signature, env, point)
+);
+CREATE TABLE runs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    env TEXT NOT NULL REFERENCES environments(fingerprint),
+    command TEXT NOT NULL,
+    started_at REAL NOT NULL,
+    finished_at REAL,
+    status TEXT NOT NULL              -- running | done | interrupted
+);
+CREATE TABLE run_signatures (
+    run_id INTEGER NOT NULL REFERENCES runs(id),
+    signature TEXT NOT NULL REFERENCES signatures(key),
+    device_seconds REAL NOT NULL,     -- wall time the device spent on this signature's points
+    points INTEGER NOT NULL,
+    PRIMARY KEY (run_id, signature)
+);
+CREATE INDEX points_env ON points (env, status);
+"""
+
+MAX_ATTEMPTS = 3
+"""A point that failed this many times is not retried automatically."""
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Summary statistics of one measured point, in milliseconds."""
+
+    median_ms: float
+    mean_ms: float
+    min_ms: float
+    max_ms: float
+    std_ms: float
+    n: int
+    host_ms: float | None = None
+
+
+def canonical_point(point: dict) -> str:
+    """Canonical JSON of a sweep point (sorted keys, no spaces)."""
+    return json.dumps(point, sort_keys=True, separators=(",", ":"))
+
+
+def _owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _owner_alive(owner: str | None) -> bool:
+    if not owner:
+        return False
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname():
+        return True  # cannot tell; rely on the claim timeout
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, ValueError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class LatencyDB:
+    """A connection to one latency DB file. Create with `LatencyDB.open(path)`."""
+
+    def __init__(self, path: Path, conn: sqlite3.Connection) -> None:
+        self.path = path
+        self.conn = conn
+
+    # --- opening ---------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: str | Path, create: bool = True) -> LatencyDB:
+        """Open (or create) a DB; a file that is not a current dooly_fx DB is a UserError.
+
+        Nothing is written to a file that fails the check.
+        """
+        path = Path(path)
+        exists = path.exists() and path.stat().st_size > 0
+        if not exists and not create:
+            raise UserError(f"{path}: no such latency DB")
+        if exists:
+            _check_header(path)
+        conn = sqlite3.connect(path, timeout=60.0, isolation_level=None)
+        conn.row_factory = sqlite3.Row
+        try:
+            conn.execute("PRAGMA busy_timeout = 60000")
+            if exists:
+                _check_schema(conn, path)
+                conn.execute("PRAGMA journal_mode = WAL")
+            else:
+                conn.execute("PRAGMA journal_mode = WAL")
+                with _transaction(conn, immediate=True):
+                    if not _has_table(conn, "meta"):  # another process may have just made it
+                        for statement in _SCHEMA.split(";"):
+                            if statement.strip():
+                                conn.execute(statement)
+                        conn.executemany("INSERT INTO meta VALUES (?, ?)", [
+                            ("app", APP_ID), ("schema_version", str(SCHEMA_VERSION))])
+            conn.execute("PRAGMA foreign_keys = ON")
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise UserError(f"{path}: not a usable dooly_fx latency DB ({exc})") from exc
+        return cls(path, conn)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> LatencyDB:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- environments, signatures, models ------------------------------------------------------
+
+    def add_environment(self, fingerprint: str, device: str, info: dict) -> None:
+        with _transaction(self.conn):
+            self.conn.execute(
+                "INSERT OR IGNORE INTO environments VALUES (?, ?, ?, ?)",
+                (fingerprint, device, json.dumps(info, sort_keys=True), time.time()))
+
+    def environments(self) -> list[dict]:
+        rows = self.conn.execute("SELECT * FROM environments ORDER BY created_at").fetchall()
+        return [{"fingerprint": r["fingerprint"], "device": r["device"],
+                 **json.loads(r["info"])} for r in rows]
+
+    def add_signatures(self, signatures: Iterable[tuple[str, str, str]]) -> None:
+        """Insert (key, kind, canonical JSON) rows; existing keys are left as they are."""
+        with _transaction(self.conn):
+            self.conn.executemany("INSERT OR IGNORE INTO signatures VALUES (?, ?, ?)",
+                                  list(signatures))
+
+    def signature(self, key: str) -> dict | None:
+        row = self.conn.execute("SELECT * FROM signatures WHERE key = ?", (key,)).fetchone()
+        return None if row is None else {"key": row["key"], "kind": row["kind"],
+                                         "canonical": json.loads(row["canonical"])}
+
+    def set_model(self, name: str, engine: str, config: dict,
+                  units: Sequence[tuple[str, str, str, str, int]]) -> None:
+        """Replace a model's unit counts: rows of (phase, regime, role, signature, count)."""
+        with _transaction(self.conn):
+            self.conn.execute("INSERT OR REPLACE INTO models VALUES (?, ?, ?, ?)",
+                              (name, engine, json.dumps(config, sort_keys=True, default=str),
+                               time.time()))
+            self.conn.execute("DELETE FROM model_units WHERE model = ? AND engine = ?",
+                              (name, engine))
+            self.conn.executemany(
+                "INSERT INTO model_units VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(name, engine, *u) for u in units])
+
+    def model_units(self, name: str, engine: str) -> list[dict]:
+        rows = self.conn.execute(
+            "SELECT phase, regime, role, signature, count FROM model_units "
+            "WHERE model = ? AND engine = ? ORDER BY phase, regime, role", (name, engine))
+        return [dict(r) for r in rows]
+
+    # --- points --------------------------------------------------------------------------------
+
+    def point_status(self, env: str, signature: str | None = None) -> dict[tuple[str, str], dict]:
+        """(signature, point) -> row for every recorded point of `env` (optionally one sig)."""
+        query = "SELECT * FROM points WHERE env = ?"
+        args: tuple = (env,)
+        if signature is not None:
+            query += " AND signature = ?"
+            args = (env, signature)
+        return {(r["signature"], r["point"]): dict(r) for r in self.conn.execute(query, args)}
+
+    def claim(self, env: str, signature: str, points: Sequence[str], run_id: int) -> list[str]:
+        """Claim the points not yet done for this process; returns the ones it got.
+
+        A point is claimable when it has no row, failed fewer than MAX_ATTEMPTS times, or is
+        claimed by a process that is gone or whose claim timed out.
+        """
+        owner, now = _owner(), time.time()
+        got: list[str] = []
+        with _transaction(self.conn, immediate=True):
+            for point in points:
+                row = self.conn.execute(
+                    "SELECT status, attempts, claimed_by, updated_at FROM points "
+                    "WHERE signature = ? AND env = ? AND point = ?",
+                    (signature, env, point)).fetchone()
+                if row is not None:
+                    if row["status"] in ("ok", "oom"):
+                        continue
+                    if row["status"] == "failed" and row["attempts"] >= MAX_ATTEMPTS:
+                        continue
+                    if row["status"] == "claimed" and row["claimed_by"] != owner and \
+                            _owner_alive(row["claimed_by"]) and \
+                            now - row["updated_at"] < CLAIM_TIMEOUT_S:
+                        continue
+                self.conn.execute(
+                    "INSERT INTO points (signature, env, point, status, attempts, claimed_by, "
+                    "run_id, updated_at) VALUES (?, ?, ?, 'claimed', 0, ?, ?, ?) "
+                    "ON CONFLICT (signature, env, point) DO UPDATE SET status = 'claimed', "
+                    "claimed_by = excluded.claimed_by, run_id = excluded.run_id, "
+                    "updated_at = excluded.updated_at",
+                    (signature, env, point, owner, run_id, now))
+                got.append(point)
+        return got
+
+    def record(self, env: str, signature: str, results: Sequence[tuple[str, Timing | str]],
+               run_id: int, device_seconds: float) -> None:
+        """Store a batch of results in one transaction: a Timing, 'oom', or an error message."""
+        now = time.time()
+        with _transaction(self.conn, immediate=True):
+            for point, result in results:
+                if isinstance(result, Timing):
+                    self.conn.execute(
+                        "UPDATE points SET status = 'ok', median_ms = ?, mean_ms = ?, "
+                        "min_ms = ?, max_ms = ?, std_ms = ?, n = ?, host_ms = ?, error = NULL, "
+                        "attempts = attempts + 1, claimed_by = NULL, run_id = ?, updated_at = ? "
+                        "WHERE signature = ? AND env = ? AND point = ?",
+                        (result.median_ms, result.mean_ms, result.min_ms, result.max_ms,
+                         result.std_ms, result.n, result.host_ms, run_id, now,
+                         signature, env, point))
+                else:
+                    status = "oom" if result == "oom" else "failed"
+                    self.conn.execute(
+                        "UPDATE points SET status = ?, error = ?, attempts = attempts + 1, "
+                        "claimed_by = NULL, run_id = ?, updated_at = ? "
+                        "WHERE signature = ? AND env = ? AND point = ?",
+                        (status, result, run_id, now, signature, env, point))
+            self.conn.execute(
+                "INSERT INTO run_signatures VALUES (?, ?, ?, ?) ON CONFLICT (run_id, signature) "
+                "DO UPDATE SET device_seconds = device_seconds + excluded.device_seconds, "
+                "points = points + excluded.points",
+                (run_id, signature, device_seconds, len(results)))
+
+    def release(self, env: str, signature: str, points: Sequence[str]) -> None:
+        """Give back claims this process did not finish (an interrupted profile)."""
+        with _transaction(self.conn, immediate=True):
+            self.conn.executemany(
+                "DELETE FROM points WHERE signature = ? AND env = ? AND point = ? "
+                "AND status = 'claimed' AND claimed_by = ? AND attempts = 0",
+                [(signature, env, p, _owner()) for p in points])
+            self.conn.executemany(
+                "UPDATE points SET status = 'failed', claimed_by = NULL "
+                "WHERE signature = ? AND env = ? AND point = ? AND status = 'claimed' "
+                "AND claimed_by = ?", [(signature, env, p, _owner()) for p in points])
+
+    # --- runs ----------------------------------------------------------------------------------
+
+    def start_run(self, env: str, command: str) -> int:
+        with _transaction(self.conn):
+            cur = self.conn.execute(
+                "INSERT INTO runs (env, command, started_at, status) VALUES (?, ?, ?, 'running')",
+                (env, command, time.time()))
+        return int(cur.lastrowid)
+
+    def finish_run(self, run_id: int, status: str = "done") -> None:
+        with _transaction(self.conn):
+            self.conn.execute("UPDATE runs SET finished_at = ?, status = ? WHERE id = ?",
+                              (time.time(), status, run_id))
+
+    def device_seconds(self, env: str | None = None) -> dict[str, float]:
+        """Device seconds spent per signature over all runs (of one environment)."""
+        query = ("SELECT rs.signature, SUM(rs.device_seconds) AS s FROM run_signatures rs "
+                 "JOIN runs r ON r.id = rs.run_id")
+        args: tuple = ()
+        if env is not None:
+            query += " WHERE r.env = ?"
+            args = (env,)
+        query += " GROUP BY rs.signature"
+        return {r["signature"]: r["s"] for r in self.conn.execute(query, args)}
+
+
+@contextmanager
+def _transaction(conn: sqlite3.Connection, immediate: bool = False) -> Iterator[None]:
+    """One SQLite transaction; IMMEDIATE takes the write lock up front (no upgrade deadlock)."""
+    conn.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
+    try:
+        yield
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def _has_table(conn: sqlite3.Connection, name: str) -> bool:
+    row = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
+                       (name,)).fetchone()
+    return row is not None
+
+
+def _check_header(path: Path) -> None:
+    with path.open("rb") as fh:
+        header = fh.read(16)
+    if header != b"SQLite format 3\x00":
+        raise UserError(f"{path}: not a dooly_fx latency DB (not an SQLite file)")
+
+
+def _check_schema(conn: sqlite3.Connection, path: Path) -> None:
+    """Refuse foreign, older, newer or corrupt files without writing to them."""
+    try:
+        ok = conn.execute("PRAGMA quick_check").fetchone()[0]
+        if ok != "ok":
+            raise UserError(f"{path}: corrupt latency DB ({ok})")
+        if not _has_table(conn, "meta"):
+            raise UserError(f"{path}: an SQLite file, but not a dooly_fx latency DB")
+        meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+    except sqlite3.DatabaseError as exc:
+        raise UserError(f"{path}: corrupt latency DB ({exc})") from exc
+    if meta.get("app") != APP_ID:
+        raise UserError(f"{path}: an SQLite file, but not a dooly_fx latency DB")
+    version = int(meta.get("schema_version", 0))
+    if version != SCHEMA_VERSION:
+        older = "an older" if version < SCHEMA_VERSION else "a newer"
+        raise UserError(f"{path}: {older} latency DB schema (v{version}; this dooly_fx reads "
+                        f"v{SCHEMA_VERSION}); profile into a new file")

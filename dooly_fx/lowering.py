@@ -1,0 +1,214 @@
+"""Stage 7: turn a unit signature at a sweep point into something runnable, checked, and costed.
+
+Per-kind knowledge lives in registries filled by decorators, keyed by op kind, duplicates
+rejected:
+* `register_lowering(kind)`: build a `Runnable` (inputs made for the point, the callable, and a
+  check run before timing). Kinds without one replay the unit's own extracted subgraph, which is
+  exactly what transformers runs for that unit.
+* `register_cost(kind)`: FLOPs and bytes of one call, for roofline features and plan estimates.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import sympy
+import torch
+import torch.fx
+
+from dooly_fx.passes.taint import Config, TensorLabel
+from dooly_fx.sweep import realise
+
+Point = dict[str, int]
+
+
+@dataclass
+class UnitCase:
+    """Everything needed to profile one signature: a representative unit, extracted."""
+
+    key: str
+    kind: str
+    canonical: dict
+    subgraph: torch.fx.GraphModule
+    inputs: list[object]
+    """Labels of the subgraph's placeholders: TensorLabel, or a DimLabel for SymInt inputs."""
+    outputs: list[TensorLabel]
+    symbols: list[str]
+    """Names of the request symbols the unit's labels use (B, S, P, T, N)."""
+    models: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Runnable:
+    """A unit ready to time: `fn()` runs it once; `check()` raises if its result is wrong."""
+
+    fn: Callable[[], object]
+    check: Callable[[], None]
+
+
+Lowering = Callable[[UnitCase, Point, str], Runnable]
+Cost = Callable[[UnitCase, Point], tuple[float, float]]
+LOWERINGS: dict[str, Lowering] = {}
+COSTS: dict[str, Cost] = {}
+
+
+def register_lowering(*kinds: str) -> Callable[[Lowering], Lowering]:
+    """Register a lowering for unit kinds; a kind registered twice is a programming error."""
+    def deco(fn: Lowering) -> Lowering:
+        for kind in kinds:
+            if kind in LOWERINGS:
+                raise ValueError(f"lowering for {kind!r} registered twice")
+            LOWERINGS[kind] = fn
+        return fn
+    return deco
+
+
+def register_cost(*kinds: str) -> Callable[[Cost], Cost]:
+    """Register a (FLOPs, bytes) formula for unit kinds; duplicates rejected."""
+    def deco(fn: Cost) -> Cost:
+        for kind in kinds:
+            if kind in COSTS:
+                raise ValueError(f"cost formula for {kind!r} registered twice")
+            COSTS[kind] = fn
+        return fn
+    return deco
+
+
+def lower(case: UnitCase, point: Point, device: str) -> Runnable:
+    """The runnable for `case` at `point` on `device` (a registered lowering or subgraph replay)."""
+    return LOWERINGS.get(case.kind, replay_subgraph)(case, point, device)
+
+
+def cost(case: UnitCase, point: Point) -> tuple[float, float]:
+    """(FLOPs, bytes moved) of one call of the unit at `point`."""
+    return COSTS.get(case.kind, _elementwise_cost)(case, point)
+
+
+# --- shapes at a point -------------------------------------------------------------------------
+
+
+def shape_at(label: TensorLabel, values: dict[sympy.Symbol, int]) -> list[int]:
+    """Concrete shape of a labelled tensor once request symbols take `values`."""
+    return [d.value if isinstance(d, Config) else int(d.expr.xreplace(values))
+            for d in label.dims]
+
+
+def _make_tensor(label: TensorLabel, shape: list[int], device: str) -> torch.Tensor:
+    dtype = label.dtype
+    if dtype == torch.bool:
+        return torch.ones(shape, dtype=dtype, device=device)
+    if not dtype.is_floating_point:
+        return torch.zeros(shape, dtype=dtype, device=device)  # valid indices, positions
+    return (torch.randn(shape, dtype=torch.float32, device=device) * 0.02).to(dtype)
+
+
+def materialise(case: UnitCase, point: Point, device: str) -> list[object]:
+    """Real arguments for the unit's subgraph at `point`."""
+    values = realise(case.symbols, point)
+    args: list[object] = []
+    for label in case.inputs:
+        if isinstance(label, TensorLabel):
+            args.append(_make_tensor(label, shape_at(label, values), device))
+        elif isinstance(label, Config):
+            args.append(label.value)
+        elif label is None:
+            args.append(None)
+        else:
+            args.append(int(label.expr.xreplace(values)))
+    return args
+
+
+# --- the default lowering: replay the unit's own subgraph --------------------------------------
+
+
+def replay_subgraph(case: UnitCase, point: Point, device: str,
+                    args: list[object] | None = None) -> Runnable:
+    """Run the extracted subgraph (what the engine runs for this unit) on fresh inputs."""
+    args = materialise(case, point, device) if args is None else args
+    values = realise(case.symbols, point)
+    expected = [shape_at(label, values) for label in case.outputs]
+    gm = case.subgraph
+
+    def fn() -> object:
+        return gm(*args)
+
+    def check() -> None:
+        out = fn()
+        outs = list(out) if isinstance(out, tuple | list) else [out]
+        got = [list(t.shape) for t in outs if isinstance(t, torch.Tensor)]
+        if got != expected:
+            raise AssertionError(f"output shapes {got} != labels {expected}")
+        for t in outs:
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and \
+                    not torch.isfinite(t).all():
+                raise AssertionError("non-finite output")
+
+    return Runnable(fn, check)
+
+
+@register_lowering("paged_attention", "kv_cache_write")
+def _paged(case: UnitCase, point: Point, device: str) -> Runnable:
+    """The opaque paged ops with a valid batch: T new tokens split evenly over N sequences.
+
+    `cu_seqlens_q` (the only int32 input, of length N + 1) gets real offsets.
+    """
+    n = point.get("N", 1)
+    t = point.get("T", n)
+    offsets = torch.tensor([round(i * t / n) for i in range(n + 1)], dtype=torch.int32,
+                           device=device)
+    args = [offsets if isinstance(a, torch.Tensor) and a.dtype == torch.int32 else a
+            for a in materialise(case, point, device)]
+    return replay_subgraph(case, point, device, args)
+
+
+# --- cost formulas ------------------------------------------------------------------------------
+
+
+def _tensor_bytes(case: UnitCase, point: Point) -> float:
+    values = realise(case.symbols, point)
+    total = 0
+    for label in [*case.inputs, *case.outputs]:
+        if isinstance(label, TensorLabel):
+            total += math.prod(shape_at(label, values)) * label.dtype.itemsize
+    return float(total)
+
+
+def _elementwise_cost(case: UnitCase, point: Point) -> tuple[float, float]:
+    """One FLOP per output element per op; bytes of all inputs and outputs once."""
+    values = realise(case.symbols, point)
+    elements = sum(math.prod(shape_at(o, values)) for o in case.outputs)
+    return float(elements * max(1, len(case.canonical.get("ops", [])))), \
+        _tensor_bytes(case, point)
+
+
+@register_cost("gemm", "lm_head")
+def _gemm_cost(case: UnitCase, point: Point) -> tuple[float, float]:
+    """2·M·N·K for `x (M, K) @ W (N, K)^T`; bytes of x, W and the output once."""
+    values = realise(case.symbols, point)
+    weight = next((lab for lab in case.inputs if isinstance(lab, TensorLabel)
+                   and all(isinstance(d, Config) for d in lab.dims) and len(lab.dims) == 2),
+                  None)
+    if weight is None:
+        return _elementwise_cost(case, point)
+    n, k = weight.dims[0].value, weight.dims[1].value
+    out = case.outputs[0]
+    m = math.prod(shape_at(out, values)) // n
+    return 2.0 * m * n * k, _tensor_bytes(case, point)
+
+
+@register_cost("attention", "paged_attention")
+def _attention_cost(case: UnitCase, point: Point) -> tuple[float, float]:
+    """4·B·H·Sq·Skv·D (QK^T and PV) over the query and key tensors; bytes of q, k, v, out."""
+    values = realise(case.symbols, point)
+    tensors = [shape_at(lab, values) for lab in case.inputs
+               if isinstance(lab, TensorLabel) and len(lab.dims) in (3, 4)]
+    if len(tensors) < 2:
+        return _elementwise_cost(case, point)
+    q, k = tensors[0], tensors[1]
+    if len(q) == 4:  # (B, H, S, D) and (B, Hkv, Skv, D)
+        flops = 4.0 * q[0] * q[1] * q[2] * k[2] * q[3]
+    else:  # flattened (T, H, D): causal self-attention over each sequence's own tokens
+        flops = 4.0 * q[0] * q[1] * q[0] * q[2] / max(1, point.get("N", 1))
+    return flops, _tensor_bytes(case, point)

@@ -1,0 +1,353 @@
+"""Stages 6–8: plan what is missing from the latency DB, and profile it.
+
+    collect(models) -> Collection        capture every phase, one UnitCase per unique signature
+    environment(device, engine) -> Env   fingerprint: device, driver, library versions, engine
+    plan(db, collection, env, bounds)    covered / missing points per model, and the dedup saving
+    profile(db, collection, env, ...)    measure only missing points, resumable, several GPUs
+
+Profiling each unique signature once, for every model that contains it, is the point of the
+tool: `plan` reports the device time that saves against profiling each model on its own with
+the same grid (the Dooly paper's baseline).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import platform
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from dooly_fx.capture import capture
+from dooly_fx.db import LatencyDB, Timing, canonical_point
+from dooly_fx.engine import EngineProfile
+from dooly_fx.errors import UserError
+from dooly_fx.lowering import UnitCase, cost, lower
+from dooly_fx.passes.partition import partition, unit_outputs, unit_subgraph
+from dooly_fx.passes.signature import signature
+from dooly_fx.passes.taint import META_KEY, Config, TensorLabel, taint
+from dooly_fx.spec import ModelSpec
+from dooly_fx.sweep import Bounds, points
+from dooly_fx.timing import measure
+
+TIMING_VERSION = 1
+"""Bumped when the timing method changes, so old timings never answer for new ones."""
+POINT_OVERHEAD_S = 0.2
+"""Estimated fixed device seconds per point (warm-up and repetition budgets, input setup)."""
+
+
+@dataclass
+class Collection:
+    """The unique signatures of some models, and each model's unit counts."""
+
+    cases: dict[str, UnitCase] = field(default_factory=dict)
+    units: dict[str, list[tuple[str, str, str, str, int]]] = field(default_factory=dict)
+    """model -> rows of (phase, regime, role, signature, count)."""
+    configs: dict[str, dict] = field(default_factory=dict)
+
+    def signatures_of(self, model: str) -> list[str]:
+        return sorted({row[3] for row in self.units[model]})
+
+
+@dataclass(frozen=True)
+class Env:
+    fingerprint: str
+    device: str
+    info: dict
+
+
+def collect(specs: Sequence[ModelSpec], engine: EngineProfile, phases: Sequence[str],
+            on_model: Callable[[str], None] | None = None) -> Collection:
+    """Capture every phase of every model; keep one extracted case per unique signature."""
+    out = Collection()
+    for spec in specs:
+        rows: dict[tuple[str, str, str, str], int] = {}
+        for phase in phases:
+            for cap in capture(spec, engine, phase):
+                taint(cap.gm, cap.symbols)
+                for unit in partition(cap.gm):
+                    sig = signature(unit)
+                    layer = unit.layer
+                    count = cap.plan.multiplicity[layer] if layer is not None and \
+                        layer < cap.plan.built_layers else 1
+                    key = (phase, cap.regime, unit.role, sig.key)
+                    rows[key] = rows.get(key, 0) + count
+                    if sig.key not in out.cases:
+                        out.cases[sig.key] = _case(cap.gm, unit, sig)
+                    if spec.name not in out.cases[sig.key].models:
+                        out.cases[sig.key].models.append(spec.name)
+        out.units[spec.name] = [(*k, c) for k, c in rows.items() if c > 0]
+        out.configs[spec.name] = spec.config.to_dict()
+        if on_model is not None:
+            on_model(spec.name)
+    return out
+
+
+def _case(gm, unit, sig) -> UnitCase:
+    def label(node):
+        value = node.meta.get(META_KEY)
+        return value[0] if isinstance(value, tuple) and value else value
+
+    sub = unit_subgraph(gm, unit)  # placeholders carry the external nodes' labels
+    inputs = [label(n) for n in sub.graph.nodes if n.op == "placeholder"]
+    outputs = [label(n) for n in unit_outputs(unit)]
+    symbols = sorted({str(s) for lab in [*inputs, *outputs] if isinstance(lab, TensorLabel)
+                      for d in lab.dims if not isinstance(d, Config)
+                      for s in d.expr.free_symbols})
+    return UnitCase(sig.key, unit.kind, sig.data, sub, inputs,
+                    [o for o in outputs if isinstance(o, TensorLabel)], symbols)
+
+
+def environment(device: str, engine: EngineProfile) -> Env:
+    """The fingerprint of where and how timings are taken (hash of the info dict)."""
+    import transformers
+
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    info: dict = {
+        "device_type": "cuda" if device.startswith("cuda") else "cpu",
+        "torch": torch.__version__, "triton": triton_version,
+        "transformers": transformers.__version__, "engine": engine.label,
+        "dtype": engine.dtype, "timing_version": TIMING_VERSION,
+    }
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA device on this machine")
+        index = torch.device(device).index or 0
+        props = torch.cuda.get_device_properties(index)
+        info.update(device=props.name, capability=f"{props.major}.{props.minor}",
+                    cuda=torch.version.cuda, driver=_driver_version(),
+                    memory_gib=round(props.total_memory / 2**30, 1))
+    else:
+        info.update(device=_cpu_name(), threads=torch.get_num_threads())
+    text = json.dumps(info, sort_keys=True, separators=(",", ":"))
+    return Env(hashlib.sha256(text.encode()).hexdigest(), info["device"], info)
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def _driver_version() -> str | None:
+    try:
+        import subprocess
+
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 else None
+    except (OSError, IndexError, subprocess.TimeoutExpired):
+        return None
+
+
+def plan_environment(db, device: str, engine: EngineProfile) -> Env:
+    """The environment a plan is for: this machine's, or, for `--device cuda` on a machine
+    without a GPU, the newest CUDA environment recorded in the DB for the same engine."""
+    if device == "cpu" or torch.cuda.is_available():
+        return environment(device, engine)
+    recorded = [e for e in db.environments() if e.get("device_type") == "cuda"
+                and e.get("engine") == engine.label and e.get("timing_version") == TIMING_VERSION]
+    if not recorded:
+        info = {"device_type": "cuda", "device": "cuda (none recorded)", "engine": engine.label}
+        return Env("none", info["device"], info)
+    env = recorded[-1]
+    return Env(env["fingerprint"], env["device"], env)
+
+
+# --- plan ----------------------------------------------------------------------------------------
+
+
+def estimate_seconds(case: UnitCase, point: dict, peak_flops: float, peak_bytes: float) -> float:
+    """Device seconds to profile one point: the timing budgets plus ~10 roofline-bound calls."""
+    flops, moved = cost(case, point)
+    return POINT_OVERHEAD_S + 10 * max(flops / peak_flops, moved / peak_bytes)
+
+
+HARDWARE_PEAKS = {  # (dense bf16 FLOP/s, memory bytes/s); CPU: a 2-core machine, roughly
+    "cuda": (790e12, 3.0e12),
+    "cpu": (5e10, 1e10),
+}
+
+
+def plan(db: LatencyDB, coll: Collection, env: Env, bounds: Bounds,
+         models: Sequence[str]) -> dict:
+    """Covered and missing points per model and overall; saving of dedup vs per-model runs."""
+    status = db.point_status(env.fingerprint)
+    peak_flops, peak_bytes = HARDWARE_PEAKS[env.info["device_type"]]
+    grid = {key: [canonical_point(p) for p in points(case.canonical, bounds)]
+            for key, case in coll.cases.items()}
+    seconds: dict[tuple[str, str], float] = {}
+    for key, case in coll.cases.items():
+        for text in grid[key]:
+            seconds[(key, text)] = estimate_seconds(case, json.loads(text), peak_flops,
+                                                    peak_bytes)
+
+    def done(key: str, text: str) -> bool:
+        row = status.get((key, text))
+        return row is not None and row["status"] in ("ok", "oom")
+
+    per_model = []
+    baseline = 0.0
+    for model in models:
+        sigs = coll.signatures_of(model)
+        pairs = [(k, t) for k in sigs for t in grid[k]]
+        missing = [p for p in pairs if not done(*p)]
+        model_seconds = sum(seconds[p] for p in pairs)
+        baseline += model_seconds
+        per_model.append({
+            "model": model, "signatures": len(sigs), "covered_points": len(pairs) - len(missing),
+            "missing_points": len(missing), "points": len(pairs),
+            "estimated_missing_seconds": round(sum(seconds[p] for p in missing), 1),
+            "estimated_seconds_alone": round(model_seconds, 1),
+        })
+    unique = {(k, t) for m in models for k in coll.signatures_of(m) for t in grid[k]}
+    dedup = sum(seconds[p] for p in unique)
+    missing_unique = [p for p in unique if not done(*p)]
+    return {
+        "environment": env.fingerprint, "device": env.device, "bounds": vars(bounds),
+        "models": per_model,
+        "unique_signatures": len({k for k, _ in unique}),
+        "unique_points": len(unique), "missing_points": len(missing_unique),
+        "estimated_missing_seconds": round(sum(seconds[p] for p in missing_unique), 1),
+        "estimated_seconds_dedup": round(dedup, 1),
+        "estimated_seconds_per_model": round(baseline, 1),
+        "saving": round(1 - dedup / baseline, 4) if baseline else 0.0,
+    }
+
+
+# --- profile -------------------------------------------------------------------------------------
+
+
+@dataclass
+class ProfileResult:
+    measured: int = 0
+    failed: int = 0
+    oom: int = 0
+    device_seconds: float = 0.0
+    errors: list[str] = field(default_factory=list)
+
+
+def profile(db: LatencyDB, coll: Collection, env: Env, bounds: Bounds, device: str,
+            command: str, on_point: Callable[[], None] | None = None,
+            batch: int = 8, budget_ms: tuple[float, float] = (25.0, 100.0)) -> ProfileResult:
+    """Measure every missing point of every case on `device`; safe to run concurrently.
+
+    `budget_ms` is the (warm-up, repetition) time budget of each point.
+    """
+    db.add_environment(env.fingerprint, env.device, env.info)
+    db.add_signatures((c.key, c.kind, json.dumps(c.canonical, sort_keys=True))
+                      for c in coll.cases.values())
+    run_id = db.start_run(env.fingerprint, command)
+    result = ProfileResult()
+    status = "done"
+    try:
+        for case in coll.cases.values():
+            todo = [canonical_point(p) for p in points(case.canonical, bounds)]
+            for start in range(0, len(todo), batch):
+                claimed = db.claim(env.fingerprint, case.key, todo[start:start + batch], run_id)
+                skipped = len(todo[start:start + batch]) - len(claimed)
+                for _ in range(skipped):
+                    if on_point:
+                        on_point()
+                if claimed:
+                    _measure_batch(db, case, claimed, env, device, run_id, result, on_point,
+                                   budget_ms)
+    except BaseException:
+        status = "interrupted"
+        raise
+    finally:
+        db.finish_run(run_id, status)
+    return result
+
+
+def _measure_batch(db, case, claimed, env, device, run_id, result, on_point, budget_ms) -> None:
+    results: list[tuple[str, Timing | str]] = []
+    started = time.perf_counter()
+    try:
+        for text in claimed:
+            results.append((text, _measure_point(case, json.loads(text), device, budget_ms)))
+            if on_point:
+                on_point()
+    finally:
+        elapsed = time.perf_counter() - started
+        if results:
+            db.record(env.fingerprint, case.key, results, run_id, elapsed)
+        unfinished = [t for t in claimed if t not in {r[0] for r in results}]
+        if unfinished:
+            db.release(env.fingerprint, case.key, unfinished)
+    result.device_seconds += elapsed
+    for _, outcome in results:
+        if isinstance(outcome, Timing):
+            result.measured += 1
+        elif outcome == "oom":
+            result.oom += 1
+        else:
+            result.failed += 1
+            result.errors.append(f"{case.kind} {case.key[:12]}: {outcome}")
+
+
+def _measure_point(case: UnitCase, point: dict, device: str,
+                   budget_ms: tuple[float, float]) -> Timing | str:
+    """A Timing, 'oom', or a one-line error; a point is never timed before its check passes."""
+    try:
+        runnable = lower(case, point, device)
+        runnable.check()
+        return measure(runnable.fn, device, warmup_ms=budget_ms[0], rep_ms=budget_ms[1])
+    except torch.cuda.OutOfMemoryError:
+        return "oom"
+    except (RuntimeError, AssertionError, ValueError, TypeError, IndexError) as exc:
+        if "out of memory" in str(exc).lower():
+            return "oom"
+        text = str(exc).strip().splitlines()
+        return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+    finally:
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+
+def profile_worker(args: tuple) -> ProfileResult:
+    """One profiler process on one device (for `--devices 0,1,...`); captures on its own."""
+    refs, engine, phases, bounds, db_path, device, command, queue, budget_ms = args
+    from dooly_fx.spec import resolve_model
+
+    coll = collect([resolve_model(r) for r in refs], engine, phases)
+    with LatencyDB.open(db_path) as db:
+        env = environment(device, engine)
+        return profile(db, coll, env, bounds, device, command,
+                       on_point=lambda: queue.put(1) if queue is not None else None,
+                       budget_ms=budget_ms)
+
+
+def spawn_workers(refs, engine, phases, bounds, db_path, devices, command, on_point, budget_ms):
+    """Run one profiler process per device; returns their results."""
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Manager().Queue()
+    with ctx.Pool(len(devices)) as pool:
+        jobs = pool.map_async(profile_worker, [(refs, engine, phases, bounds, db_path,
+                                                f"cuda:{d}", command, queue, budget_ms)
+                                               for d in devices])
+        while not jobs.ready():
+            try:
+                queue.get(timeout=0.5)
+                on_point()
+            except Exception:  # queue.Empty
+                pass
+        return jobs.get()
+
+
+def command_line() -> str:
+    return " ".join(["python -m dooly_fx", *sys.argv[1:]])

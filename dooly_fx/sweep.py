@@ -1,0 +1,104 @@
+"""Sweep grids: which request points each unit signature is profiled at. See docs/sweeps.md.
+
+A point assigns a value to each request variable of a signature: `{"m": 512}` for token-wise
+units (GEMMs, norms, ...), `{"B": 4, "S": 256}` for padded prefill attention, `{"B": 8, "P": 1024}`
+for decode attention, and so on. Grids are per variable role, bounded by `Bounds`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass
+
+import sympy
+
+from dooly_fx.passes.signature import TOKEN_VAR
+from dooly_fx.symbols import REQUEST_SYMBOLS, named
+
+TOKEN_GRID = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536,
+              2048, 3072, 4096, 6144, 8192, 12288, 16384, 24576, 32768)
+"""New tokens in a step (m, S, T)."""
+SEQ_GRID = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+"""Sequences in a step (B, N)."""
+CONTEXT_GRID = (16, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
+"""Cached tokens per sequence (P)."""
+
+_ROLE = {TOKEN_VAR: "tokens", "S": "tokens", "T": "tokens", "B": "seqs", "N": "seqs",
+         "P": "context"}
+_IDENT = re.compile(r"[A-Za-z_]\w*")
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """Caps on the sweep (users set them to what they will serve; CPU tests use small ones)."""
+
+    max_tokens: int = 16384
+    """New tokens in one step (m, B*S, T)."""
+    max_seqs: int = 256
+    """Sequences in one step (B, N)."""
+    max_context: int = 32768
+    """Tokens of one sequence, cached plus new (P + S)."""
+
+    def grid(self, var: str) -> list[int]:
+        role = _ROLE[var]
+        if role == "tokens":
+            return [v for v in TOKEN_GRID if v <= self.max_tokens]
+        if role == "seqs":
+            return [v for v in SEQ_GRID if v <= self.max_seqs]
+        return [v for v in CONTEXT_GRID if v < self.max_context]
+
+
+def request_vars(canonical: dict) -> list[str]:
+    """Request variables appearing in a signature's canonical dims, in a fixed order."""
+    found: set[str] = set()
+    for _, dims in [*canonical.get("inputs", []), *canonical.get("outputs", [])]:
+        for dim in dims:
+            if isinstance(dim, str):
+                found.update(n for n in _IDENT.findall(dim)
+                             if n == TOKEN_VAR or n in REQUEST_SYMBOLS)
+    order = [TOKEN_VAR, *REQUEST_SYMBOLS]
+    return [v for v in order if v in found]
+
+
+def _feasible(point: dict[str, int], bounds: Bounds) -> bool:
+    b = point.get("B", 1)
+    if b * point.get("S", 1) > bounds.max_tokens:
+        return False
+    if point.get("S", 0) + point.get("P", 0) > bounds.max_context:
+        return False
+    if point.get("N", 1) > point.get("T", point.get("N", 1)):
+        return False  # every sequence brings at least one new token
+    # Keep the KV read of one step within what max_seqs sequences of max_context would hold.
+    return b * (point.get("P", 0) + point.get("S", 1)) <= bounds.max_seqs * bounds.max_context
+
+
+def points(canonical: dict, bounds: Bounds) -> list[dict[str, int]]:
+    """The sweep points of one signature: the grid product of its variables within bounds."""
+    names = request_vars(canonical)
+    if not names:
+        return [{}]
+    grids = [bounds.grid(v) for v in names]
+    if len(names) >= 3:  # keep 3-variable sweeps (mixed batches) to a few hundred points
+        grids = [g[::2] if len(g) > 6 else g for g in grids]
+    out = [dict(zip(names, values, strict=True)) for values in itertools.product(*grids)]
+    return [p for p in out if _feasible(p, bounds)]
+
+
+def realise(unit_symbols: list[str], point: dict[str, int]) -> dict[sympy.Symbol, int]:
+    """Values for a unit's own request symbols (names) at a sweep point.
+
+    The token variable `m` of a token-wise point goes to the unit's token symbol (S, T, or B/N
+    in decode) and every other symbol of the token product is 1: a GEMM sees `B*S` rows either
+    way. Symbols the signature does not depend on (a tensor read only for one dimension of its
+    shape) are 1 as well.
+    """
+    values = {named(k): v for k, v in point.items() if k != TOKEN_VAR}
+    if TOKEN_VAR in point:
+        names = list(unit_symbols)
+        target = next((n for n in ("S", "T", "N", "B") if n in names), None)
+        for n in names:
+            values[named(n)] = point[TOKEN_VAR] if n == target else 1
+    for n in unit_symbols:
+        values.setdefault(named(n), 1)
+    return values

@@ -1,0 +1,127 @@
+"""One timing function for every measurement, with `triton.testing.do_bench` semantics.
+
+`measure(fn, device)` warms up for a time budget, then times at least `min_samples` calls:
+* CUDA: one pair of CUDA events per call, the L2 cache flushed before each call (a 256 MB
+  buffer is zeroed), and, where launches dominate (a call shorter than `graph_below_ms`), the
+  calls are captured in a CUDA graph and replayed, so the number is the kernels' time and not
+  Python's;
+* CPU: `time.perf_counter` around each call.
+It also returns the host cost of issuing one call (eager dispatch), which a launch-bound engine
+pays whether or not the GPU is busy.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from dooly_fx.db import Timing
+
+_L2_FLUSH_BYTES = 256 * 1024 * 1024
+
+
+def measure(
+    fn: Callable[[], object],
+    device: str,
+    warmup_ms: float = 25.0,
+    rep_ms: float = 100.0,
+    min_samples: int = 10,
+    max_samples: int = 1000,
+    graph_below_ms: float = 0.05,
+) -> Timing:
+    """Median, mean, min, max and std of `fn()`'s run time in ms, plus its host issue time."""
+    if device.startswith("cuda"):
+        return _measure_cuda(fn, device, warmup_ms, rep_ms, min_samples, max_samples,
+                             graph_below_ms)
+    return _measure_cpu(fn, warmup_ms, rep_ms, min_samples, max_samples)
+
+
+def _summary(samples: list[float], host_ms: float | None) -> Timing:
+    return Timing(
+        median_ms=statistics.median(samples), mean_ms=statistics.fmean(samples),
+        min_ms=min(samples), max_ms=max(samples),
+        std_ms=statistics.pstdev(samples) if len(samples) > 1 else 0.0, n=len(samples),
+        host_ms=host_ms)
+
+
+def _count(estimate_ms: float, budget_ms: float, low: int, high: int) -> int:
+    return max(low, min(high, int(budget_ms / max(estimate_ms, 1e-6))))
+
+
+def _measure_cpu(fn, warmup_ms, rep_ms, min_samples, max_samples) -> Timing:
+    start = time.perf_counter()
+    calls = 0
+    while calls < 2 or (time.perf_counter() - start) * 1e3 < warmup_ms:
+        fn()
+        calls += 1
+    estimate = (time.perf_counter() - start) * 1e3 / calls
+    samples = []
+    for _ in range(_count(estimate, rep_ms, min_samples, max_samples)):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return _summary(samples, host_ms=statistics.median(samples))
+
+
+def _measure_cuda(fn, device, warmup_ms, rep_ms, min_samples, max_samples,
+                  graph_below_ms) -> Timing:
+    torch.cuda.synchronize(device)
+    cache = torch.empty(_L2_FLUSH_BYTES, dtype=torch.int8, device=device)
+    # Estimate one call, then warm up for the budget.
+    first = torch.cuda.Event(enable_timing=True)
+    last = torch.cuda.Event(enable_timing=True)
+    first.record()
+    for _ in range(5):
+        fn()
+    last.record()
+    torch.cuda.synchronize(device)
+    estimate = first.elapsed_time(last) / 5
+    for _ in range(_count(estimate, warmup_ms, 1, max_samples)):
+        fn()
+    torch.cuda.synchronize(device)
+    host_ms = _host_issue_ms(fn, device)
+    run = fn
+    if estimate < graph_below_ms:
+        run = _graph_replay(fn, device) or fn
+    n = _count(estimate, rep_ms, min_samples, max_samples)
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    for i in range(n):
+        cache.zero_()
+        starts[i].record()
+        run()
+        ends[i].record()
+    torch.cuda.synchronize(device)
+    samples = [s.elapsed_time(e) for s, e in zip(starts, ends, strict=True)]
+    return _summary(samples, host_ms)
+
+
+def _host_issue_ms(fn, device, calls: int = 20) -> float:
+    """Median host time to issue one call while the GPU keeps up (eager dispatch cost)."""
+    samples = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
+        torch.cuda.synchronize(device)
+    return statistics.median(samples)
+
+
+def _graph_replay(fn, device) -> Callable[[], object] | None:
+    """`fn` captured in a CUDA graph (replayed per call), or None if it cannot be captured."""
+    try:
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            fn()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+    except Exception:  # data-dependent or host-syncing code cannot be captured
+        torch.cuda.synchronize(device)
+        return None
+    return graph.replay

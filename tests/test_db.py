@@ -1,0 +1,145 @@
+"""The latency DB: refuses foreign files untouched, splits work, survives kill -9."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import sqlite3
+import time
+
+import pytest
+
+from dooly_fx.db import MAX_ATTEMPTS, LatencyDB, Timing, canonical_point
+from dooly_fx.errors import UserError
+
+ENV = "env-fingerprint"
+SIG = "a" * 64
+POINTS = [canonical_point({"m": m}) for m in (1, 2, 4, 8, 16, 32, 64, 128)]
+
+
+def _fresh(path) -> LatencyDB:
+    db = LatencyDB.open(path)
+    db.add_environment(ENV, "cpu", {"device": "cpu"})
+    db.add_signatures([(SIG, "gemm", '{"kind":"gemm"}')])
+    return db
+
+
+def _timing(ms: float) -> Timing:
+    return Timing(ms, ms, ms, ms, 0.0, 10, 0.01)
+
+
+def test_new_db_is_wal_and_versioned(tmp_path):
+    with _fresh(tmp_path / "lat.db") as db:
+        assert db.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        meta = dict(db.conn.execute("SELECT key, value FROM meta").fetchall())
+    assert meta == {"app": "dooly_fx latency db", "schema_version": "1"}
+
+
+@pytest.mark.parametrize("content", [b"not a database at all\n" * 50, b"SQLite format 3\x00junk"])
+def test_foreign_or_corrupt_file_is_refused_untouched(tmp_path, content):
+    path = tmp_path / "x.db"
+    path.write_bytes(content)
+    with pytest.raises(UserError) as err:
+        LatencyDB.open(path)
+    assert "\n" not in str(err.value)
+    assert path.read_bytes() == content
+    assert not (tmp_path / "x.db-wal").exists()
+
+
+def test_other_sqlite_and_older_schema_are_refused_untouched(tmp_path):
+    other = tmp_path / "other.db"
+    sqlite3.connect(other).execute("CREATE TABLE t (x)").connection.commit()
+    before = other.read_bytes()
+    with pytest.raises(UserError, match="not a dooly_fx latency DB"):
+        LatencyDB.open(other)
+    assert other.read_bytes() == before
+
+    old = tmp_path / "old.db"
+    _fresh(old).close()
+    conn = sqlite3.connect(old)
+    conn.execute("UPDATE meta SET value = '0' WHERE key = 'schema_version'")
+    conn.commit()
+    conn.close()
+    before = old.read_bytes()
+    with pytest.raises(UserError, match="older latency DB schema"):
+        LatencyDB.open(old)
+    assert old.read_bytes() == before
+
+
+def test_claim_record_and_retry_rules(tmp_path):
+    with _fresh(tmp_path / "lat.db") as db:
+        run = db.start_run(ENV, "test")
+        assert db.claim(ENV, SIG, POINTS[:3], run) == POINTS[:3]
+        db.record(ENV, SIG, [(POINTS[0], _timing(1.0)), (POINTS[1], "oom"),
+                             (POINTS[2], "RuntimeError: boom")], run, device_seconds=0.5)
+        # ok and oom are done; a failure is retried until MAX_ATTEMPTS.
+        assert db.claim(ENV, SIG, POINTS[:3], run) == [POINTS[2]]
+        for _ in range(MAX_ATTEMPTS - 1):
+            db.record(ENV, SIG, [(POINTS[2], "RuntimeError: boom")], run, device_seconds=0.1)
+            db.claim(ENV, SIG, POINTS[2:3], run)
+        rows = db.point_status(ENV, SIG)
+        assert rows[(SIG, POINTS[0])]["median_ms"] == 1.0
+        assert rows[(SIG, POINTS[1])]["status"] == "oom"
+        assert rows[(SIG, POINTS[2])]["attempts"] == MAX_ATTEMPTS
+        assert db.claim(ENV, SIG, POINTS[2:3], run) == []
+        assert db.device_seconds(ENV)[SIG] == pytest.approx(0.5 + 0.1 * (MAX_ATTEMPTS - 1))
+
+
+def _worker(path: str, start, results) -> None:
+    db = LatencyDB.open(path)
+    run = db.start_run(ENV, f"worker {os.getpid()}")
+    start.wait()
+    done = []
+    for point in POINTS:
+        for got in db.claim(ENV, SIG, [point], run):
+            time.sleep(0.02)  # measuring
+            db.record(ENV, SIG, [(got, _timing(float(len(got))))], run, device_seconds=0.02)
+            done.append(got)
+    db.finish_run(run)
+    results.put(done)
+
+
+def test_two_writers_lose_nothing_and_duplicate_nothing(tmp_path):
+    path = str(tmp_path / "lat.db")
+    _fresh(path).close()
+    ctx = multiprocessing.get_context("spawn")
+    start, results = ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(path, start, results)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    start.set()
+    done = [results.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    assert sorted(done[0] + done[1]) == sorted(POINTS)  # every point measured exactly once
+    with LatencyDB.open(path) as db:
+        rows = db.point_status(ENV, SIG)
+        count = db.conn.execute("SELECT COUNT(*) FROM points").fetchone()[0]
+    assert count == len(POINTS)
+    assert all(r["status"] == "ok" and r["attempts"] == 1 for r in rows.values())
+
+
+def _killed_worker(path: str, ready) -> None:
+    db = LatencyDB.open(path)
+    run = db.start_run(ENV, "killed")
+    claimed = db.claim(ENV, SIG, POINTS, run)
+    db.record(ENV, SIG, [(p, _timing(1.0)) for p in claimed[:3]], run, device_seconds=0.3)
+    ready.set()
+    time.sleep(600)  # killed here, holding claims on the other five points
+
+
+def test_kill_9_then_rerun_finishes_only_what_is_missing(tmp_path):
+    path = str(tmp_path / "lat.db")
+    _fresh(path).close()
+    ctx = multiprocessing.get_context("spawn")
+    ready = ctx.Event()
+    proc = ctx.Process(target=_killed_worker, args=(path, ready))
+    proc.start()
+    assert ready.wait(timeout=120)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join()
+    with LatencyDB.open(path) as db:
+        run = db.start_run(ENV, "rerun")
+        again = db.claim(ENV, SIG, POINTS, run)
+        assert again == POINTS[3:]  # the dead profiler's claims are taken over, nothing else

@@ -1,0 +1,148 @@
+"""The profiler on CPU: plan, profile, resume after kill -9, nothing twice."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from tiny import tiny_fields, tiny_spec
+
+from dooly_fx.db import LatencyDB
+from dooly_fx.engine import EngineProfile
+from dooly_fx.profile import collect, environment, plan, profile
+from dooly_fx.sweep import Bounds, points, request_vars
+from dooly_fx.timing import measure
+
+BOUNDS = ["--max-tokens", "16", "--max-seqs", "2", "--max-context", "64"]
+QUICK = ["--warmup-ms", "1", "--rep-ms", "2"]
+
+
+def _cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dooly_fx", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _config(tmp_path, name: str) -> str:
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(tiny_fields(name)))
+    return str(path)
+
+
+def test_measure_cpu_statistics():
+    timing = measure(lambda: time.sleep(0.002), "cpu", warmup_ms=5, rep_ms=30)
+    assert timing.n >= 10
+    assert 2.0 <= timing.median_ms < 10.0
+    assert timing.min_ms <= timing.median_ms <= timing.max_ms
+
+
+def test_sweep_points_respect_bounds():
+    decode = {"inputs": [["bfloat16", ["B", 8, "P + 1", 16]]], "outputs": []}
+    assert request_vars(decode) == ["B", "P"]
+    got = points(decode, Bounds(max_tokens=16, max_seqs=2, max_context=64))
+    assert got == [{"B": b, "P": p} for b in (1, 2) for p in (16,)]
+    tokens = {"inputs": [["bfloat16", ["m", 64]]], "outputs": [["bfloat16", ["m", 32]]]}
+    assert points(tokens, Bounds(max_tokens=8)) == [{"m": m} for m in (1, 2, 4, 8)]
+
+
+def test_plan_counts_and_dedup_saving(tmp_path):
+    specs = [tiny_spec("llama-3.1-8b"), tiny_spec("mistral-7b", vocab_size=512)]
+    coll = collect(specs, EngineProfile(), ["decode"])
+    with LatencyDB.open(tmp_path / "lat.db") as db:
+        env = environment("cpu", EngineProfile())
+        report = plan(db, coll, env, Bounds(16, 2, 64), [s.name for s in specs])
+    llama, mistral = report["models"]
+    # The two share every decode unit but the vocab-sized ones (embedding, LM head).
+    shared = set(coll.signatures_of(specs[0].name)) & set(coll.signatures_of(specs[1].name))
+    assert len(shared) == llama["signatures"] - 2
+    assert report["unique_signatures"] == llama["signatures"] + 2
+    assert llama["missing_points"] == llama["points"] and llama["covered_points"] == 0
+    assert report["unique_points"] < llama["points"] + mistral["points"]
+    assert 0.3 < report["saving"] < 0.5
+
+
+def test_profile_cli_then_nothing_left(tmp_path):
+    config = _config(tmp_path, "llama-3.1-8b")
+    db = str(tmp_path / "lat.db")
+    first = _cli("profile", config, "--db", db, "--device", "cpu", "--phase", "decode",
+                 *BOUNDS, *QUICK)
+    assert first.returncode == 0, first.stderr
+    assert "failed" not in first.stderr
+    again = _cli("profile", config, "--db", db, "--device", "cpu", "--phase", "decode", *BOUNDS)
+    assert again.returncode == 0
+    assert "nothing to profile" in again.stdout
+    out = tmp_path / "plan.json"
+    result = _cli("plan", config, "--db", db, "--device", "cpu", "--phase", "decode", *BOUNDS,
+                  "--json", str(out))
+    assert result.returncode == 0
+    report = json.loads(out.read_text())
+    assert report["models"][0]["model"] == config
+    assert report["models"][0]["missing_points"] == 0
+    assert report["models"][0]["covered_points"] > 0
+    assert 0.0 <= report["saving"] <= 1.0
+
+
+def test_plan_does_not_create_a_db_and_bad_db_is_refused(tmp_path):
+    config = _config(tmp_path, "llama-3.1-8b")
+    missing = tmp_path / "none.db"
+    result = _cli("plan", config, "--db", str(missing), "--device", "cpu", "--phase", "decode",
+                  *BOUNDS)
+    assert result.returncode == 0 and not missing.exists()
+    bad = tmp_path / "bad.db"
+    bad.write_text("hello")
+    result = _cli("profile", config, "--db", str(bad), "--device", "cpu", *BOUNDS)
+    assert result.returncode == 2 and "not a dooly_fx latency DB" in result.stderr
+    assert bad.read_text() == "hello"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_interrupted_profile_resumes_with_only_the_missing_points(tmp_path, sig):
+    config = _config(tmp_path, "llama-3.1-8b")
+    db_path = tmp_path / "lat.db"
+    args = ["profile", config, "--db", str(db_path), "--device", "cpu", "--phase", "prefill",
+            *BOUNDS, "--warmup-ms", "20", "--rep-ms", "40"]
+    proc = subprocess.Popen([sys.executable, "-m", "dooly_fx", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    done_before = 0
+    while time.time() < deadline and done_before < 5:
+        time.sleep(0.5)
+        if db_path.exists():
+            with LatencyDB.open(db_path) as db:
+                done_before = db.conn.execute(
+                    "SELECT COUNT(*) FROM points WHERE status = 'ok'").fetchone()[0]
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=120)
+    if sig == signal.SIGINT:
+        assert proc.returncode == 2 and "interrupted" in stderr
+    with LatencyDB.open(db_path) as db:
+        saved = {r[0] for r in db.conn.execute(
+            "SELECT signature || point FROM points WHERE status = 'ok'")}
+    assert len(saved) >= 5
+    rerun = _cli(*args[:-4], *QUICK)
+    assert rerun.returncode == 0, rerun.stderr
+    with LatencyDB.open(db_path) as db:
+        rows = db.conn.execute("SELECT signature || point, status, attempts, run_id "
+                               "FROM points").fetchall()
+        runs = db.conn.execute("SELECT id FROM runs ORDER BY id").fetchall()
+    assert all(r[1] == "ok" for r in rows)
+    assert len({r[0] for r in rows}) == len(rows)  # no duplicates
+    last_run = runs[-1][0]
+    remeasured = {r[0] for r in rows if r[3] == last_run}
+    assert not remeasured & saved  # the re-run measured only what was missing
+    assert all(r[2] == 1 for r in rows if r[0] in saved)
+
+
+def test_every_family_profiles_without_failures(tmp_path):
+    specs = [tiny_spec(n, layers=2) for n in ("mixtral-8x7b", "gemma-2-9b", "phi-3-mini")]
+    for engine in (EngineProfile(), EngineProfile(engine="paged")):
+        coll = collect(specs, engine, ["prefill", "decode"])
+        with LatencyDB.open(tmp_path / f"{engine.engine}.db") as db:
+            result = profile(db, coll, environment("cpu", engine), Bounds(8, 2, 48), "cpu",
+                             "test", budget_ms=(0.5, 1.0))
+        assert result.failed == 0, result.errors
+        assert result.measured == sum(len(points(c.canonical, Bounds(8, 2, 48)))
+                                      for c in coll.cases.values())
