@@ -20,10 +20,12 @@ differ); `LayerPlan.multiplicity` scales counts back to the real depth.
 from __future__ import annotations
 
 import copy
+import json
 import time
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
+import sympy
 import torch
 import torch.fx
 from torch import nn
@@ -287,19 +289,91 @@ def capture(
     phase: str,
     full_depth: bool = False,
 ) -> list[Capture]:
-    """Trace one phase of `spec` under `engine`: one `Capture` per sliding-window regime."""
+    """Trace one phase of `spec` under `engine`: one `Capture` per sliding-window regime.
+
+    Graphs are cached per config *structure*: every dimension is symbolic, so a model that
+    differs from an earlier one only in dimension values (Llama-3.1-8B and -70B) reuses its
+    graph with its own values, provided every guard recorded while tracing holds for them.
+    """
     if phase not in PHASES:
         raise UserError(f"unknown phase '{phase}'; choose from {', '.join(PHASES)}")
     window = _window(spec.config)
     regimes = [""]
     if window and engine.engine == "padded":
         regimes = ["window<", "window>="]
-    return [_capture_one(spec, engine, phase, regime, window, full_depth) for regime in regimes]
+    out = []
+    for regime in regimes:
+        plan = layer_plan(spec.config, full_depth)
+        key = _structure_key(spec.config, engine, phase, regime, plan)
+        cached = _CACHE.get(key)
+        reused = _reuse(cached, spec, plan) if cached is not None else None
+        if reused is None:
+            reused = _capture_one(spec, engine, phase, regime, window, plan)
+            _CACHE[key] = reused
+        out.append(reused)
+    return out
 
 
-def _capture_one(spec, engine, phase, regime, window, full_depth) -> Capture:
+_CACHE: dict[str, Capture] = {}
+
+
+def clear_cache() -> None:
+    """Forget cached graphs (benchmarks measure cold captures)."""
+    _CACHE.clear()
+
+
+def _structure_key(config, engine: EngineProfile, phase: str, regime: str,
+                   plan: LayerPlan) -> str:
+    """Everything about a capture except dimension values and depth beyond the built layers."""
+    def norm(name: str, value: object) -> object:
+        if _is_dim_field(name, value):
+            return "<dim>"
+        if isinstance(value, float):
+            return "<float>"  # eps, rope theta, softcap: constants, never shapes or branches
+        if isinstance(value, dict):
+            return {k: norm(k, v) for k, v in value.items()}
+        if name in ("layer_types", "mlp_only_layers") and isinstance(value, list):
+            return value[:plan.built_layers] if name == "layer_types" else \
+                [i for i in value if i < plan.built_layers]
+        return value
+
+    fields = {k: norm(k, v) for k, v in config.to_dict().items()
+              if k not in ("num_hidden_layers", "_name_or_path", "transformers_version")}
+    return json.dumps([fields, layer_kinds(config)[:plan.built_layers], plan.built_layers,
+                       engine.label, phase, regime], sort_keys=True, default=str)
+
+
+def _reuse(cached: Capture, spec: ModelSpec, plan: LayerPlan) -> Capture | None:
+    """`cached` relabelled with `spec`'s dimension values, or None if a guard fails for them."""
     start = time.perf_counter()
-    plan = layer_plan(spec.config, full_depth)
+    fields = {k: v for k, v in vars(spec.config).items() if _is_dim_field(k, v)}
+    old = cached.symbols
+    if set(fields) != set(cached.config_fields):
+        return None
+    values = {sym: fields[old.names[sym]] if old.kinds[sym] == "config" else value
+              for sym, value in old.values.items()}
+    for guard in old.shape_env.guards:
+        try:
+            holds = bool(guard.expr.xreplace({s: sympy.Integer(v) for s, v in values.items()}))
+        except TypeError:  # not decidable from the values alone
+            holds = False
+        if not holds:
+            return None
+    table = SymbolTable(shape_env=old.shape_env, names=old.names, kinds=old.kinds,
+                        values=values)
+    # A graph of its own (node metadata is per model once tainted); the nodes' fake values and
+    # the ShapeEnv are shared, read-only.
+    graph = torch.fx.Graph()
+    graph.output(graph.graph_copy(cached.gm.graph, {}))
+    return Capture(model=spec.name, phase=cached.phase, regime=cached.regime,
+                   engine=cached.engine, gm=torch.fx.GraphModule(cached.gm, graph),
+                   symbols=table, plan=plan,
+                   seconds=time.perf_counter() - start,
+                   specialised_fields=cached.specialised_fields, config_fields=fields)
+
+
+def _capture_one(spec, engine, phase, regime, window, plan) -> Capture:
+    start = time.perf_counter()
     table = SymbolTable()
     try:
         config, fields = _symbolic_config(spec, engine, plan, table)

@@ -10,6 +10,7 @@ rejected:
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -95,22 +96,30 @@ def shape_at(label: TensorLabel, values: dict[sympy.Symbol, int]) -> list[int]:
             for d in label.dims]
 
 
-def _make_tensor(label: TensorLabel, shape: list[int], device: str) -> torch.Tensor:
+def _make_tensor(label: TensorLabel, shape: list[int], device: str,
+                 generator: torch.Generator) -> torch.Tensor:
     dtype = label.dtype
     if dtype == torch.bool:
         return torch.ones(shape, dtype=dtype, device=device)
     if not dtype.is_floating_point:
         return torch.zeros(shape, dtype=dtype, device=device)  # valid indices, positions
-    return (torch.randn(shape, dtype=torch.float32, device=device) * 0.02).to(dtype)
+    values = torch.randn(shape, dtype=torch.float32, device=device, generator=generator)
+    return (values * 0.02).to(dtype)
 
 
 def materialise(case: UnitCase, point: Point, device: str) -> list[object]:
-    """Real arguments for the unit's subgraph at `point`."""
+    """Real arguments for the unit's subgraph at `point`.
+
+    Random values come from a private generator: a unit that could not be captured in a CUDA
+    graph must not leave the default generator unusable for the next point.
+    """
     values = realise(case.symbols, point)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(0)
     args: list[object] = []
     for label in case.inputs:
         if isinstance(label, TensorLabel):
-            args.append(_make_tensor(label, shape_at(label, values), device))
+            args.append(_make_tensor(label, shape_at(label, values), device, generator))
         elif isinstance(label, Config):
             args.append(label.value)
         elif label is None:
@@ -123,13 +132,30 @@ def materialise(case: UnitCase, point: Point, device: str) -> list[object]:
 # --- the default lowering: replay the unit's own subgraph --------------------------------------
 
 
+def on_device(gm: torch.fx.GraphModule, device: str) -> torch.fx.GraphModule:
+    """`gm` with the device constants it was traced with (`.to("cpu")`, `arange(device=...)`)
+    replaced by `device`."""
+    if device == "cpu":
+        return gm
+    target = torch.device(device)
+
+    def retarget(value: object) -> object:
+        return target if isinstance(value, torch.device) else value
+
+    graph = copy.deepcopy(gm.graph)
+    for node in graph.nodes:
+        node.args = torch.fx.node.map_aggregate(node.args, retarget)
+        node.kwargs = torch.fx.node.map_aggregate(node.kwargs, retarget)
+    return torch.fx.GraphModule(gm, graph)
+
+
 def replay_subgraph(case: UnitCase, point: Point, device: str,
                     args: list[object] | None = None) -> Runnable:
     """Run the extracted subgraph (what the engine runs for this unit) on fresh inputs."""
     args = materialise(case, point, device) if args is None else args
     values = realise(case.symbols, point)
     expected = [shape_at(label, values) for label in case.outputs]
-    gm = case.subgraph
+    gm = on_device(case.subgraph, device)
 
     def fn() -> object:
         return gm(*args)

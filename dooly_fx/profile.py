@@ -96,8 +96,9 @@ def _case(gm, unit, sig) -> UnitCase:
     sub = unit_subgraph(gm, unit)  # placeholders carry the external nodes' labels
     inputs = [label(n) for n in sub.graph.nodes if n.op == "placeholder"]
     outputs = [label(n) for n in unit_outputs(unit)]
-    symbols = sorted({str(s) for lab in [*inputs, *outputs] if isinstance(lab, TensorLabel)
-                      for d in lab.dims if not isinstance(d, Config)
+    dims = [d for lab in [*inputs, *outputs] if lab is not None
+            for d in (lab.dims if isinstance(lab, TensorLabel) else (lab,))]
+    symbols = sorted({str(s) for d in dims if not isinstance(d, Config)
                       for s in d.expr.free_symbols})
     return UnitCase(sig.key, unit.kind, sig.data, sub, inputs,
                     [o for o in outputs if isinstance(o, TensorLabel)], symbols)

@@ -1,13 +1,13 @@
 """One timing function for every measurement, with `triton.testing.do_bench` semantics.
 
 `measure(fn, device)` warms up for a time budget, then times at least `min_samples` calls:
-* CUDA: one pair of CUDA events per call, the L2 cache flushed before each call (a 256 MB
-  buffer is zeroed), and, where launches dominate (a call shorter than `graph_below_ms`), the
-  calls are captured in a CUDA graph and replayed, so the number is the kernels' time and not
-  Python's;
+* CUDA: the call is captured once in a CUDA graph and replayed, one pair of CUDA events per
+  replay, the L2 cache flushed before each (a 256 MB buffer is zeroed). Replay runs the unit's
+  kernels back to back, so the number is GPU time, not Python's issue time; units that cannot
+  be captured (host syncs, data-dependent shapes) are timed on direct calls instead;
 * CPU: `time.perf_counter` around each call.
-It also returns the host cost of issuing one call (eager dispatch), which a launch-bound engine
-pays whether or not the GPU is busy.
+It also returns `host_ms`, the host cost of issuing one call eagerly, which a launch-bound
+engine pays whether or not the GPU is busy; the predictor combines the two.
 """
 
 from __future__ import annotations
@@ -30,12 +30,11 @@ def measure(
     rep_ms: float = 100.0,
     min_samples: int = 10,
     max_samples: int = 1000,
-    graph_below_ms: float = 0.05,
+    graphs: bool = True,
 ) -> Timing:
     """Median, mean, min, max and std of `fn()`'s run time in ms, plus its host issue time."""
     if device.startswith("cuda"):
-        return _measure_cuda(fn, device, warmup_ms, rep_ms, min_samples, max_samples,
-                             graph_below_ms)
+        return _measure_cuda(fn, device, warmup_ms, rep_ms, min_samples, max_samples, graphs)
     return _measure_cpu(fn, warmup_ms, rep_ms, min_samples, max_samples)
 
 
@@ -66,26 +65,25 @@ def _measure_cpu(fn, warmup_ms, rep_ms, min_samples, max_samples) -> Timing:
     return _summary(samples, host_ms=statistics.median(samples))
 
 
-def _measure_cuda(fn, device, warmup_ms, rep_ms, min_samples, max_samples,
-                  graph_below_ms) -> Timing:
+def _measure_cuda(fn, device, warmup_ms, rep_ms, min_samples, max_samples, graphs) -> Timing:
     torch.cuda.synchronize(device)
     cache = torch.empty(_L2_FLUSH_BYTES, dtype=torch.int8, device=device)
+    fn()  # first call: lazy initialisation, autotuning
+    torch.cuda.synchronize(device)
+    host_ms = _host_issue_ms(fn, device)
+    run = (_graph_replay(fn, device) if graphs else None) or fn
     # Estimate one call, then warm up for the budget.
     first = torch.cuda.Event(enable_timing=True)
     last = torch.cuda.Event(enable_timing=True)
     first.record()
     for _ in range(5):
-        fn()
+        run()
     last.record()
     torch.cuda.synchronize(device)
     estimate = first.elapsed_time(last) / 5
     for _ in range(_count(estimate, warmup_ms, 1, max_samples)):
-        fn()
+        run()
     torch.cuda.synchronize(device)
-    host_ms = _host_issue_ms(fn, device)
-    run = fn
-    if estimate < graph_below_ms:
-        run = _graph_replay(fn, device) or fn
     n = _count(estimate, rep_ms, min_samples, max_samples)
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
@@ -112,6 +110,8 @@ def _host_issue_ms(fn, device, calls: int = 20) -> float:
 
 def _graph_replay(fn, device) -> Callable[[], object] | None:
     """`fn` captured in a CUDA graph (replayed per call), or None if it cannot be captured."""
+    import warnings
+
     try:
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
@@ -119,8 +119,10 @@ def _graph_replay(fn, device) -> Callable[[], object] | None:
             fn()
         torch.cuda.current_stream(device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "The CUDA Graph is empty": a unit of no kernels
+            with torch.cuda.graph(graph):
+                fn()
     except Exception:  # data-dependent or host-syncing code cannot be captured
         torch.cuda.synchronize(device)
         return None

@@ -102,6 +102,12 @@ def canonical(unit: OpUnit) -> dict:
         len(_token_products([*unit_inputs(unit), *unit_outputs(unit)])) <= 1
     inputs = [d for d in (_tensor(n, tokenwise) for n in unit_inputs(unit)) if d is not None]
     outputs = [d for d in (_tensor(n, tokenwise) for n in unit_outputs(unit)) if d is not None]
+    # A SymInt input only says something when its symbols appear in no tensor of the unit (the
+    # bound of an `arange(S)`); otherwise whether the tracer reused a `sym_size` from an earlier
+    # layer would split identical layers into two signatures.
+    seen = {str(d) for desc in [*inputs, *outputs] if desc[0] != "symint" for d in desc[1]}
+    inputs = [d for d in inputs if d[0] != "symint"
+              or any(isinstance(x, str) and x not in seen for x in d[1])]
     compute = unit.compute_nodes
     return {
         "kind": unit.kind,

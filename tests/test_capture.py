@@ -271,3 +271,23 @@ def test_analyze_graph_from_a_torch_compile_backend():
     assert roles["lm_head"] == "lm_head"
     assert Counter(r.kind for r in report.units)["gemm"] == 7
     assert report.taint.unlabelled == [] and report.taint.request > 0
+
+
+def test_structure_cache_reuses_graphs_only_when_guards_hold():
+    from dooly_fx.capture import clear_cache
+
+    clear_cache()
+    (small,) = capture(tiny_spec("llama-3.1-8b"), PADDED, "decode")
+    (wide,) = capture(tiny_spec("llama-3.1-8b", hidden_size=128, intermediate_size=256),
+                      PADDED, "decode")
+    assert wide.seconds < small.seconds / 5  # reused: relabelled, not traced again
+    taint(small.gm, small.symbols)
+    taint(wide.gm, wide.symbols)
+    assert _labels(_linear(small.gm, "down_proj"))[-1] == Config(64, "hidden_size")
+    assert _labels(_linear(wide.gm, "down_proj"))[-1] == Config(128, "hidden_size")
+    # MHA (kv heads == heads) takes another code path in the model: the guard fails, so the
+    # graph is traced anew rather than relabelled.
+    (mha,) = capture(tiny_spec("llama-3.1-8b", num_key_value_heads=4), PADDED, "decode")
+    assert mha.seconds > 5 * wide.seconds
+    taint(mha.gm, mha.symbols)
+    assert _labels(_linear(mha.gm, "k_proj"))[-1] == Config(64, "head_dim*num_key_value_heads")
