@@ -215,6 +215,8 @@ def cmd_profile(args: argparse.Namespace) -> None:
                 raise UserError("interrupted: measured points are saved; run the same command "
                                 "again to finish the rest") from None
         after = plan(db, coll, env, bounds, [s.name for s in specs])
+    if args.json:
+        _write_json(args.json, after)
     _print_profile(results, before, after)
 
 
@@ -369,9 +371,9 @@ def _parser() -> argparse.ArgumentParser:
                           help="cached + new tokens of one sequence")
         _engine_args(verb)
         verb.add_argument("--phase", default="all", choices=[*PHASES, "all"])
-        if name == "plan":
-            verb.add_argument("--json", metavar="FILE", help="write the plan as JSON")
-        else:
+        verb.add_argument("--json", metavar="FILE",
+                          help="write the plan (for profile: after profiling) as JSON")
+        if name == "profile":
             verb.add_argument("--devices", metavar="IDS",
                               help="GPU indices, one profiler process each (e.g. 0,1,2,3)")
             verb.add_argument("--warmup-ms", type=float, default=25.0,

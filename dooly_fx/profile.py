@@ -35,7 +35,7 @@ from dooly_fx.spec import ModelSpec
 from dooly_fx.sweep import Bounds, points
 from dooly_fx.timing import measure
 
-TIMING_VERSION = 1
+TIMING_VERSION = 2
 """Bumped when the timing method changes, so old timings never answer for new ones."""
 POINT_OVERHEAD_S = 0.2
 """Estimated fixed device seconds per point (warm-up and repetition budgets, input setup)."""
