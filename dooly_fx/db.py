@@ -40,22 +40,22 @@ CREATE TABLE signatures (
     kind TEXT NOT NULL,
     canonical TEXT NOT NULL
 );
-CREATE TABLE models (
+CREATE TABLE models (               -- a model's units as captured with env's software
     name TEXT NOT NULL,
-    engine TEXT NOT NULL,
+    env TEXT NOT NULL REFERENCES environments(fingerprint),
     config TEXT NOT NULL,             -- JSON of the model's config fields
     updated_at REAL NOT NULL,
-    PRIMARY KEY (name, engine)
+    PRIMARY KEY (name, env)
 );
 CREATE TABLE model_units (
     model TEXT NOT NULL,
-    engine TEXT NOT NULL,
+    env TEXT NOT NULL REFERENCES environments(fingerprint),
     phase TEXT NOT NULL,
     regime TEXT NOT NULL,
     role TEXT NOT NULL,
     signature TEXT NOT NULL REFERENCES signatures(key),
     count INTEGER NOT NULL,
-    PRIMARY KEY (model, engine, phase, regime, role, signature)
+    PRIMARY KEY (model, env, phase, regime, role, signature)
 );
 CREATE TABLE points (
     signature TEXT NOT NULL REFERENCES signatures(key),
@@ -206,23 +206,25 @@ class LatencyDB:
         return None if row is None else {"key": row["key"], "kind": row["kind"],
                                          "canonical": json.loads(row["canonical"])}
 
-    def set_model(self, name: str, engine: str, config: dict,
+    def set_model(self, name: str, env: str, config: dict,
                   units: Sequence[tuple[str, str, str, str, int]]) -> None:
-        """Replace a model's unit counts: rows of (phase, regime, role, signature, count)."""
-        with _transaction(self.conn):
+        """Replace a model's units as captured in `env`: rows of (phase, regime, role,
+        signature, count). The units a model runs depend on the engine's library versions,
+        so later stages read them from here rather than capturing on another machine."""
+        with _transaction(self.conn, immediate=True):
             self.conn.execute("INSERT OR REPLACE INTO models VALUES (?, ?, ?, ?)",
-                              (name, engine, json.dumps(config, sort_keys=True, default=str),
+                              (name, env, json.dumps(config, sort_keys=True, default=str),
                                time.time()))
-            self.conn.execute("DELETE FROM model_units WHERE model = ? AND engine = ?",
-                              (name, engine))
+            self.conn.execute("DELETE FROM model_units WHERE model = ? AND env = ?", (name, env))
             self.conn.executemany(
                 "INSERT INTO model_units VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [(name, engine, *u) for u in units])
+                [(name, env, *u) for u in units])
 
-    def model_units(self, name: str, engine: str) -> list[dict]:
+    def model_units(self, name: str, env: str) -> list[dict]:
+        """A model's recorded units in `env` (empty if it was never profiled there)."""
         rows = self.conn.execute(
             "SELECT phase, regime, role, signature, count FROM model_units "
-            "WHERE model = ? AND engine = ? ORDER BY phase, regime, role", (name, engine))
+            "WHERE model = ? AND env = ? ORDER BY phase, regime, role", (name, env))
         return [dict(r) for r in rows]
 
     # --- points --------------------------------------------------------------------------------

@@ -252,6 +252,8 @@ def profile(db: LatencyDB, coll: Collection, env: Env, bounds: Bounds, device: s
     db.add_environment(env.fingerprint, env.device, env.info)
     db.add_signatures((c.key, c.kind, json.dumps(c.canonical, sort_keys=True))
                       for c in coll.cases.values())
+    for model, units in coll.units.items():
+        db.set_model(model, env.fingerprint, coll.configs[model], units)
     run_id = db.start_run(env.fingerprint, command)
     result = ProfileResult()
     status = "done"

@@ -9,13 +9,14 @@ import sys
 import time
 
 import pytest
-from tiny import tiny_fields, tiny_spec
 
 from dooly_fx.db import LatencyDB
 from dooly_fx.engine import EngineProfile
 from dooly_fx.profile import collect, environment, plan, profile
 from dooly_fx.sweep import Bounds, points, request_vars
 from dooly_fx.timing import measure
+
+from tiny import tiny_fields, tiny_spec
 
 BOUNDS = ["--max-tokens", "16", "--max-seqs", "2", "--max-context", "64"]
 QUICK = ["--warmup-ms", "1", "--rep-ms", "2"]
@@ -74,6 +75,11 @@ def test_profile_cli_then_nothing_left(tmp_path):
     again = _cli("profile", config, "--db", db, "--device", "cpu", "--phase", "decode", *BOUNDS)
     assert again.returncode == 0
     assert "nothing to profile" in again.stdout
+    with LatencyDB.open(db) as handle:
+        (env,) = handle.environments()
+        units = handle.model_units(config, env["fingerprint"])
+    assert {u["phase"] for u in units} == {"decode"}
+    assert sum(u["count"] for u in units if u["role"].endswith("q_proj")) == 3
     out = tmp_path / "plan.json"
     result = _cli("plan", config, "--db", db, "--device", "cpu", "--phase", "decode", *BOUNDS,
                   "--json", str(out))
