@@ -320,14 +320,10 @@ def source_digest() -> str:
     return digest.hexdigest()[:12]
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+def _cpu_name() -> str:
+    from dooly_fx.profile import cpu_name  # imported late: workers time their own imports
+
+    return cpu_name()
 
 
 def _total_memory_gib() -> float | None:
@@ -345,7 +341,7 @@ def meta_block() -> Record:
         "command": shlex.join(sys.orig_argv),
         "date_utc": datetime.now(UTC).isoformat(timespec="seconds"),
         "source_digest": source_digest(),
-        "machine": {"platform": platform.platform(), "cpu": _cpu_model(),
+        "machine": {"platform": platform.platform(), "cpu": _cpu_name(),
                     "cpu_count": os.cpu_count(), "memory_gib": _total_memory_gib()},
         "versions": {"python": platform.python_version(), "torch": version("torch"),
                      "transformers": version("transformers"), "sympy": version("sympy"),

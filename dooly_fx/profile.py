@@ -128,12 +128,13 @@ def environment(device: str, engine: EngineProfile) -> Env:
                     cuda=torch.version.cuda, driver=_driver_version(),
                     memory_gib=round(props.total_memory / 2**30, 1))
     else:
-        info.update(device=_cpu_name(), threads=torch.get_num_threads())
+        info.update(device=cpu_name(), threads=torch.get_num_threads())
     text = json.dumps(info, sort_keys=True, separators=(",", ":"))
     return Env(hashlib.sha256(text.encode()).hexdigest(), info["device"], info)
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one)."""
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:
