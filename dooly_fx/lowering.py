@@ -189,6 +189,28 @@ def _paged(case: UnitCase, point: Point, device: str) -> Runnable:
     return replay_subgraph(case, point, device, args)
 
 
+@register_lowering("moe_experts")
+def _moe_experts(case: UnitCase, point: Point, device: str) -> Runnable:
+    """Experts with synthesised uniform routing: token t's j-th choice is expert (t·k + j) mod E,
+    each with weight 1/k, so every expert gets the same share of tokens.
+
+    The routing indices are the op's int64 (T, k) input; E is the experts weight's first dim.
+    """
+    args = materialise(case, point, device)
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    experts = next(t.shape[0] for t in tensors if t.is_floating_point() and t.dim() == 3)
+    routed = []
+    for arg in args:
+        if isinstance(arg, torch.Tensor) and arg.dtype == torch.int64 and arg.dim() == 2:
+            t, k = arg.shape
+            arg = (torch.arange(t * k, device=device).reshape(t, k) % experts)
+        elif isinstance(arg, torch.Tensor) and arg.is_floating_point() and arg.dim() == 2 \
+                and routed and routed[-1].dtype == torch.int64 and arg.shape == routed[-1].shape:
+            arg = torch.full_like(arg, 1.0 / arg.shape[1])
+        routed.append(arg)
+    return replay_subgraph(case, point, device, routed)
+
+
 # --- cost formulas ------------------------------------------------------------------------------
 
 

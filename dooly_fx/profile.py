@@ -337,13 +337,14 @@ def profile_worker(args: tuple) -> ProfileResult:
 
 
 def spawn_workers(refs, engine, phases, bounds, db_path, devices, command, on_point, budget_ms):
-    """Run one profiler process per device; returns their results."""
+    """Run one profiler process per device (`cuda:0`, `cuda:1`, ...) on one DB; the DB's claims
+    split the points between them. Returns their results."""
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Manager().Queue()
     with ctx.Pool(len(devices)) as pool:
         jobs = pool.map_async(profile_worker, [(refs, engine, phases, bounds, db_path,
-                                                f"cuda:{d}", command, queue, budget_ms)
-                                               for d in devices])
+                                                device, command, queue, budget_ms)
+                                               for device in devices])
         while not jobs.ready():
             try:
                 queue.get(timeout=0.5)

@@ -152,3 +152,23 @@ def test_every_family_profiles_without_failures(tmp_path):
         assert result.failed == 0, result.errors
         assert result.measured == sum(len(points(c.canonical, Bounds(8, 2, 48)))
                                       for c in coll.cases.values())
+
+
+def test_one_worker_process_per_device_splits_the_points(tmp_path):
+    """The --devices path: two profiler processes on one DB measure every point exactly once
+    (run here with two CPU workers)."""
+    from dooly_fx.profile import spawn_workers
+
+    config = _config(tmp_path, "llama-3.1-8b")
+    db_path = tmp_path / "lat.db"
+    ticks = []
+    results = spawn_workers([config], EngineProfile(), ["decode"], Bounds(16, 2, 64),
+                            str(db_path), ["cpu", "cpu"], "test", lambda: ticks.append(1),
+                            (1.0, 2.0))
+    with LatencyDB.open(db_path) as db:
+        rows = db.conn.execute("SELECT status, attempts FROM points").fetchall()
+        runs = db.conn.execute("SELECT COUNT(*) FROM runs WHERE status = 'done'").fetchone()[0]
+    assert runs == 2
+    assert len(rows) == sum(r.measured for r in results) > 0
+    assert all(status == "ok" and attempts == 1 for status, attempts in rows)
+    assert all(r.failed == 0 for r in results)

@@ -82,3 +82,27 @@ def test_moe_experts_reference_matches_dense_loop():
             gate, val = (x[t] @ up[e].T).chunk(2)
             expected += weights[t, slot] * (down[e] @ (torch.nn.functional.silu(gate) * val))
         torch.testing.assert_close(out[t], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_moe_lowering_routes_tokens_uniformly(monkeypatch):
+    from dooly_fx import lowering
+    from dooly_fx.profile import collect
+
+    coll = collect([tiny_spec("mixtral-8x7b", layers=1)], EngineProfile(dtype="float32"),
+                   ["prefill"])
+    case = next(c for c in coll.cases.values() if c.kind == "moe_experts")
+    seen = {}
+    original = lowering.replay_subgraph
+
+    def spy(case, point, device, args=None):
+        seen["args"] = args
+        return original(case, point, device, args)
+
+    monkeypatch.setattr(lowering, "replay_subgraph", spy)
+    lowering.lower(case, {"m": 8}, "cpu").check()
+    index = next(a for a in seen["args"] if isinstance(a, torch.Tensor)
+                 and a.dtype == torch.int64)
+    weights = next(a for a in seen["args"] if isinstance(a, torch.Tensor)
+                   and a.shape == index.shape and a.is_floating_point())
+    assert torch.bincount(index.flatten(), minlength=4).tolist() == [4, 4, 4, 4]  # 8 tokens x 2
+    assert torch.all(weights == 0.5)
