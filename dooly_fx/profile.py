@@ -231,6 +231,42 @@ def plan(db: LatencyDB, coll: Collection, env: Env, bounds: Bounds,
     }
 
 
+def savings(db: LatencyDB, env: str, models: Sequence[str] | None = None) -> dict:
+    """Measured saving of dedup: device seconds the DB's runs spent on the unique signatures of
+    `models` against the sum, over models, of the seconds each model's own signatures took.
+
+    Reads only the DB: each model's units as recorded for `env` (`model_units`) and the device
+    seconds per signature over all runs in `env` (`run_signatures`).
+    """
+    recorded = [r[0] for r in db.conn.execute(
+        "SELECT name FROM models WHERE env = ? ORDER BY name", (env,))]
+    models = list(models) if models else recorded
+    spent = db.device_seconds(env)
+    per_model, union = [], set()
+    for model in models:
+        sigs = {u["signature"] for u in db.model_units(model, env)}
+        if not sigs:
+            raise UserError(f"{model}: no units recorded for environment {env[:12]}; "
+                            "profile it there first")
+        union |= sigs
+        per_model.append({"model": model, "signatures": sorted(sigs),
+                          "device_seconds_alone": sum(spent.get(s, 0.0) for s in sigs),
+                          "unprofiled_signatures": sorted(s for s in sigs if s not in spent)})
+    owners: dict[str, int] = {}
+    for m in per_model:
+        for sig in m["signatures"]:
+            owners[sig] = owners.get(sig, 0) + 1
+    for m in per_model:
+        m["shared_signatures"] = sum(owners[s] > 1 for s in m["signatures"])
+        m["unique_signatures"] = len(m.pop("signatures"))
+        m["unprofiled_signatures"] = len(m["unprofiled_signatures"])
+    alone = sum(m["device_seconds_alone"] for m in per_model)
+    dedup = sum(spent.get(s, 0.0) for s in union)
+    return {"environment": env, "models": per_model, "unique_signatures": len(union),
+            "device_seconds_dedup": dedup, "device_seconds_per_model": alone,
+            "saving": 1 - dedup / alone if alone else 0.0}
+
+
 # --- profile -------------------------------------------------------------------------------------
 
 

@@ -172,3 +172,24 @@ def test_one_worker_process_per_device_splits_the_points(tmp_path):
     assert len(rows) == sum(r.measured for r in results) > 0
     assert all(status == "ok" and attempts == 1 for status, attempts in rows)
     assert all(r.failed == 0 for r in results)
+
+
+def test_measured_saving_from_the_db_run_records(tmp_path):
+    from dooly_fx.profile import savings
+
+    specs = [tiny_spec("llama-3.1-8b"), tiny_spec("mistral-7b", vocab_size=512)]
+    engine = EngineProfile()
+    coll = collect(specs, engine, ["decode"])
+    env = environment("cpu", engine)
+    with LatencyDB.open(tmp_path / "lat.db") as db:
+        profile(db, coll, env, Bounds(8, 2, 32), "cpu", "test", budget_ms=(0.5, 1.0))
+        report = savings(db, env.fingerprint)
+        spent = db.device_seconds(env.fingerprint)
+    llama = set(coll.signatures_of(specs[0].name))
+    mistral = set(coll.signatures_of(specs[1].name))
+    assert [m["model"] for m in report["models"]] == sorted(s.name for s in specs)
+    assert {m["shared_signatures"] for m in report["models"]} == {len(llama & mistral)}
+    alone = sum(spent[s] for s in llama) + sum(spent[s] for s in mistral)
+    assert report["device_seconds_per_model"] == pytest.approx(alone)
+    assert report["device_seconds_dedup"] == pytest.approx(sum(spent[s] for s in llama | mistral))
+    assert 0 < report["saving"] < 1
