@@ -185,18 +185,39 @@ HARDWARE_PEAKS = {  # (dense bf16 FLOP/s, memory bytes/s); CPU: a 2-core machine
 }
 
 
+def _model_signatures(db, coll: Collection, env: Env, model: str) -> tuple[list[str], str]:
+    """A model's signatures: as recorded in the DB for `env` (captured with that environment's
+    software), else from this machine's capture. Returns (signatures, where from)."""
+    recorded = db.model_units(model, env.fingerprint) if hasattr(db, "model_units") else []
+    if recorded:
+        return sorted({u["signature"] for u in recorded}), "db"
+    if model not in coll.units:
+        raise UserError(f"{model}: not captured and not recorded for {env.device}")
+    return coll.signatures_of(model), "capture"
+
+
 def plan(db: LatencyDB, coll: Collection, env: Env, bounds: Bounds,
          models: Sequence[str]) -> dict:
-    """Covered and missing points per model and overall; saving of dedup vs per-model runs."""
+    """Covered and missing points per model and overall; saving of dedup vs per-model runs.
+
+    A model's units come from the DB when it was profiled in `env` before (library versions
+    change which kernels a model runs), else from this machine's capture.
+    """
     status = db.point_status(env.fingerprint)
     peak_flops, peak_bytes = HARDWARE_PEAKS[env.info["device_type"]]
-    grid = {key: [canonical_point(p) for p in points(case.canonical, bounds)]
-            for key, case in coll.cases.items()}
+    sources = {m: _model_signatures(db, coll, env, m) for m in models}
+    canonical = {key: case.canonical for key, case in coll.cases.items()}
+    for sigs, _ in sources.values():
+        for key in sigs:
+            if key not in canonical:
+                canonical[key] = db.signature(key)["canonical"]
+    grid = {key: [canonical_point(p) for p in points(c, bounds)] for key, c in canonical.items()}
     seconds: dict[tuple[str, str], float] = {}
-    for key, case in coll.cases.items():
+    for key in canonical:
+        case = coll.cases.get(key)
         for text in grid[key]:
-            seconds[(key, text)] = estimate_seconds(case, json.loads(text), peak_flops,
-                                                    peak_bytes)
+            seconds[(key, text)] = POINT_OVERHEAD_S if case is None else \
+                estimate_seconds(case, json.loads(text), peak_flops, peak_bytes)
 
     def done(key: str, text: str) -> bool:
         row = status.get((key, text))
@@ -205,18 +226,19 @@ def plan(db: LatencyDB, coll: Collection, env: Env, bounds: Bounds,
     per_model = []
     baseline = 0.0
     for model in models:
-        sigs = coll.signatures_of(model)
+        sigs, source = sources[model]
         pairs = [(k, t) for k in sigs for t in grid[k]]
         missing = [p for p in pairs if not done(*p)]
         model_seconds = sum(seconds[p] for p in pairs)
         baseline += model_seconds
         per_model.append({
-            "model": model, "signatures": len(sigs), "covered_points": len(pairs) - len(missing),
+            "model": model, "units_from": source, "signatures": len(sigs),
+            "covered_points": len(pairs) - len(missing),
             "missing_points": len(missing), "points": len(pairs),
             "estimated_missing_seconds": round(sum(seconds[p] for p in missing), 1),
             "estimated_seconds_alone": round(model_seconds, 1),
         })
-    unique = {(k, t) for m in models for k in coll.signatures_of(m) for t in grid[k]}
+    unique = {(k, t) for sigs, _ in sources.values() for k in sigs for t in grid[k]}
     dedup = sum(seconds[p] for p in unique)
     missing_unique = [p for p in unique if not done(*p)]
     return {

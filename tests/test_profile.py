@@ -193,3 +193,22 @@ def test_measured_saving_from_the_db_run_records(tmp_path):
     assert report["device_seconds_per_model"] == pytest.approx(alone)
     assert report["device_seconds_dedup"] == pytest.approx(sum(spent[s] for s in llama | mistral))
     assert 0 < report["saving"] < 1
+
+
+def test_plan_reads_units_recorded_in_the_db(tmp_path):
+    """A GPU DB is planned against on a machine whose own capture would differ: the units the
+    model ran with in that environment come from the DB, not from a local capture."""
+    from dooly_fx.profile import Collection
+
+    spec = tiny_spec("llama-3.1-8b")
+    engine = EngineProfile()
+    coll = collect([spec], engine, ["decode"])
+    env = environment("cpu", engine)
+    bounds = Bounds(8, 2, 32)
+    with LatencyDB.open(tmp_path / "lat.db") as db:
+        profile(db, coll, env, bounds, "cpu", "test", budget_ms=(0.5, 1.0))
+        report = plan(db, Collection(), env, bounds, [spec.name])  # nothing captured here
+    (model,) = report["models"]
+    assert model["units_from"] == "db"
+    assert model["signatures"] == len(coll.cases)
+    assert model["missing_points"] == 0 and model["covered_points"] > 0
