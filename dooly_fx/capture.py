@@ -65,6 +65,10 @@ class LayerPlan:
     def built_layers(self) -> int:
         return len(self.multiplicity)
 
+    def count(self, layer: int | None) -> int:
+        """Real instances of a unit found in built layer `layer` (None: outside the layers)."""
+        return 1 if layer is None or layer >= self.built_layers else self.multiplicity[layer]
+
 
 @dataclass
 class Capture:

@@ -128,32 +128,12 @@ def cmd_plan(args: argparse.Namespace) -> None:
 
     specs, engine, bounds, phases = _sweep_args(args)
     coll = _collect(specs, engine, phases)
-    with LatencyDB.open(args.db, create=False) if Path(args.db).exists() else _no_db() as db:
+    with LatencyDB.open_existing_or_empty(args.db) as db:
         env = plan_environment(db, args.device, engine)
         report = plan(db, coll, env, bounds, [s.name for s in specs])
     if args.json:
         _write_json(args.json, report)
     _print_plan(report)
-
-
-class _EmptyDB:
-    """Stands in for a DB file that does not exist yet (plan must not create one)."""
-
-    def point_status(self, env, signature=None):
-        return {}
-
-    def environments(self):
-        return []
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return None
-
-
-def _no_db() -> _EmptyDB:
-    return _EmptyDB()
 
 
 def _print_plan(report: dict) -> None:

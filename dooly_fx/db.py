@@ -173,6 +173,14 @@ class LatencyDB:
             raise UserError(f"{path}: not a usable dooly_fx latency DB ({exc})") from exc
         return cls(path, conn)
 
+    @classmethod
+    def open_existing_or_empty(cls, path: str | Path) -> LatencyDB:
+        """The DB at `path` if there is one, else an empty in-memory DB: for read-only
+        questions (`plan`) that must not create a file."""
+        if Path(path).exists():
+            return cls.open(path, create=False)
+        return cls.open(":memory:")
+
     def close(self) -> None:
         self.conn.close()
 

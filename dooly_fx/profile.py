@@ -72,9 +72,7 @@ def collect(specs: Sequence[ModelSpec], engine: EngineProfile, phases: Sequence[
                 taint(cap.gm, cap.symbols)
                 for unit in partition(cap.gm):
                     sig = signature(unit)
-                    layer = unit.layer
-                    count = cap.plan.multiplicity[layer] if layer is not None and \
-                        layer < cap.plan.built_layers else 1
+                    count = cap.plan.count(unit.layer)
                     key = (phase, cap.regime, unit.role, sig.key)
                     rows[key] = rows.get(key, 0) + count
                     if sig.key not in out.cases:
@@ -188,7 +186,7 @@ HARDWARE_PEAKS = {  # (dense bf16 FLOP/s, memory bytes/s); CPU: a 2-core machine
 def _model_signatures(db, coll: Collection, env: Env, model: str) -> tuple[list[str], str]:
     """A model's signatures: as recorded in the DB for `env` (captured with that environment's
     software), else from this machine's capture. Returns (signatures, where from)."""
-    recorded = db.model_units(model, env.fingerprint) if hasattr(db, "model_units") else []
+    recorded = db.model_units(model, env.fingerprint)
     if recorded:
         return sorted({u["signature"] for u in recorded}), "db"
     if model not in coll.units:

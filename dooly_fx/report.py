@@ -160,9 +160,7 @@ def analyze_graph(
     rows: dict[tuple[str, str], UnitRow] = {}
     for unit in partition(gm):
         sig = signature(unit)
-        layer = unit.layer
-        count = plan.multiplicity[layer] if plan is not None and layer is not None \
-            and layer < plan.built_layers else 1
+        count = plan.count(unit.layer) if plan is not None else 1
         key = (unit.role, sig.key)
         if key in rows:
             rows[key].count += count
