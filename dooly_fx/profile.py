@@ -16,10 +16,12 @@ import hashlib
 import json
 import multiprocessing
 import platform
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from queue import Empty
 
 import torch
 
@@ -145,8 +147,6 @@ def cpu_name() -> str:
 
 def _driver_version() -> str | None:
     try:
-        import subprocess
-
         out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                              capture_output=True, text=True, timeout=10)
         return out.stdout.strip().splitlines()[0] if out.returncode == 0 else None
@@ -404,9 +404,9 @@ def spawn_workers(refs, engine, phases, bounds, db_path, devices, command, on_po
         while not jobs.ready():
             try:
                 queue.get(timeout=0.5)
-                on_point()
-            except Exception:  # queue.Empty
-                pass
+            except Empty:
+                continue
+            on_point()
         return jobs.get()
 
 
