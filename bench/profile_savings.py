@@ -28,6 +28,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--db", type=Path, required=True)
     parser.add_argument("--models", help="comma-separated (default: every recorded model)")
+    parser.add_argument("--engine", default="padded|sdpa|bfloat16",
+                        help="engine profile label the models were profiled under")
     parser.add_argument("--out", type=Path, default=Path("bench/results/profile_savings.json"))
     args = parser.parse_args()
     with LatencyDB.open(args.db, create=False) as db:
@@ -35,11 +37,12 @@ def main() -> None:
         if len(envs) != 1:
             sys.exit(f"{args.db}: expected one environment, found {len(envs)}")
         env = envs[0]
-        report = savings(db, env["fingerprint"], args.models.split(",") if args.models else None)
+        report = savings(db, env["fingerprint"], args.engine,
+                         args.models.split(",") if args.models else None)
     report["meta"] = {"command": " ".join(["python", *sys.argv]), "environment": env}
     args.out.write_text(json.dumps(report, indent=2) + "\n")
 
-    table = Table(title=f"dedup saving · {env['device']} · {env['engine']}")
+    table = Table(title=f"dedup saving · {env['device']} · {args.engine}")
     for col in ("model", "unique signatures", "shared with others", "unprofiled",
                 "device s alone"):
         table.add_column(col, justify="left" if col == "model" else "right")
@@ -54,7 +57,7 @@ def main() -> None:
     console.print(summary)
     lines = ["# Dedup saving, measured", "", f"- command: `{report['meta']['command']}`",
              f"- environment: {env['device']}, torch {env['torch']}, transformers "
-             f"{env['transformers']}, engine {env['engine']}", "",
+             f"{env['transformers']}, engine {args.engine}", "",
              "| model | unique signatures | shared with others | unprofiled | device s alone |",
              "|---|---:|---:|---:|---:|"]
     lines += [f"| {m['model']} | {m['unique_signatures']} | {m['shared_signatures']} | "

@@ -169,7 +169,7 @@ def _symbolic_config(spec: ModelSpec, engine: EngineProfile, plan: LayerPlan, ta
         from dooly_fx import moe
 
         moe.register()  # one opaque node per expert block (see moe.py)
-        config._experts_implementation = "dooly_opaque"
+        config._experts_implementation = moe.backend_name(engine.experts_impl)
     config.use_cache = True
     fields: dict[str, int] = {}
     for name, value in list(vars(config).items()):

@@ -129,7 +129,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
     specs, engine, bounds, phases = _sweep_args(args)
     coll = _collect(specs, engine, phases)
     with LatencyDB.open_existing_or_empty(args.db) as db:
-        env = plan_environment(db, args.device, engine)
+        env = plan_environment(db, args.device)
         report = plan(db, coll, env, bounds, [s.name for s in specs])
     if args.json:
         _write_json(args.json, report)
@@ -172,7 +172,7 @@ def cmd_profile(args: argparse.Namespace) -> None:
     budget = (args.warmup_ms, args.rep_ms)
     coll = _collect(specs, engine, phases)
     with LatencyDB.open(args.db) as db:
-        env = environment(devices[0], engine)
+        env = environment(devices[0])
         before = plan(db, coll, env, bounds, [s.name for s in specs])
         for m in before["models"]:
             if m["missing_points"] == 0:
@@ -312,6 +312,20 @@ def _write_json(path: str, payload: dict) -> None:
     tmp.replace(target)
 
 
+def cmd_upgrade_db(args: argparse.Namespace) -> None:
+    """Upgrade a latency DB file in place to this version's schema (one transaction: all or
+    nothing; timings, runs and model rows are kept).
+
+    example:
+      python -m dooly_fx upgrade-db bench/results/h100.db
+    """
+    from dooly_fx.db import upgrade
+
+    start, end = upgrade(args.db)
+    print(f"{args.db}: schema v{start} -> v{end}" if start != end
+          else f"{args.db}: already at schema v{end}")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m dooly_fx",
@@ -361,6 +375,12 @@ def _parser() -> argparse.ArgumentParser:
             verb.add_argument("--rep-ms", type=float, default=100.0,
                               help="timed repetitions budget per point (>= 10 samples)")
         verb.set_defaults(func=func)
+
+    up = verbs.add_parser("upgrade-db", help="upgrade a latency DB to this version's schema",
+                          description=cmd_upgrade_db.__doc__,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    up.add_argument("db", metavar="FILE")
+    up.set_defaults(func=cmd_upgrade_db)
     return parser
 
 

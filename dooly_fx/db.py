@@ -23,7 +23,7 @@ from pathlib import Path
 from dooly_fx.errors import UserError
 
 APP_ID = "dooly_fx latency db"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 CLAIM_TIMEOUT_S = 600.0
 """A claim older than this, or held by a process that no longer exists, can be taken over."""
 
@@ -32,7 +32,7 @@ CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE environments (
     fingerprint TEXT PRIMARY KEY,
     device TEXT NOT NULL,
-    info TEXT NOT NULL,               -- JSON: device, capability, driver, cuda, versions, engine
+    info TEXT NOT NULL,               -- JSON: device, capability, driver, cuda, versions
     created_at REAL NOT NULL
 );
 CREATE TABLE signatures (
@@ -43,19 +43,21 @@ CREATE TABLE signatures (
 CREATE TABLE models (               -- a model's units as captured with env's software
     name TEXT NOT NULL,
     env TEXT NOT NULL REFERENCES environments(fingerprint),
+    engine TEXT NOT NULL,             -- engine profile label, e.g. padded|sdpa|bfloat16
     config TEXT NOT NULL,             -- JSON of the model's config fields
     updated_at REAL NOT NULL,
-    PRIMARY KEY (name, env)
+    PRIMARY KEY (name, env, engine)
 );
 CREATE TABLE model_units (
     model TEXT NOT NULL,
     env TEXT NOT NULL REFERENCES environments(fingerprint),
+    engine TEXT NOT NULL,
     phase TEXT NOT NULL,
     regime TEXT NOT NULL,
     role TEXT NOT NULL,
     signature TEXT NOT NULL REFERENCES signatures(key),
     count INTEGER NOT NULL,
-    PRIMARY KEY (model, env, phase, regime, role, signature)
+    PRIMARY KEY (model, env, engine, phase, regime, role, signature)
 );
 CREATE TABLE points (
     signature TEXT NOT NULL REFERENCES signatures(key),
@@ -86,6 +88,17 @@ CREATE TABLE run_signatures (
     points INTEGER NOT NULL,
     PRIMARY KEY (run_id, signature)
 );
+CREATE TABLE fits (                 -- latency model of one signature in one environment
+    signature TEXT NOT NULL REFERENCES signatures(key),
+    env TEXT NOT NULL REFERENCES environments(fingerprint),
+    method TEXT NOT NULL,             -- the candidate chosen by held-out error
+    model TEXT NOT NULL,              -- JSON of the fitted LatencyModel
+    cv_mape REAL,                     -- k-fold held-out MAPE of the chosen method (fraction)
+    n_points INTEGER NOT NULL,
+    points_digest TEXT NOT NULL,      -- SHA-256 of the ok points it was fitted on (staleness)
+    fitted_at REAL NOT NULL,
+    PRIMARY KEY (signature, env)
+);
 CREATE INDEX points_env ON points (env, status);
 """
 
@@ -104,6 +117,14 @@ class Timing:
     std_ms: float
     n: int
     host_ms: float | None = None
+
+
+def fingerprint(info: dict) -> str:
+    """An environment's fingerprint: SHA-256 of its info dict's canonical JSON."""
+    import hashlib
+
+    text = json.dumps(info, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def canonical_point(point: dict) -> str:
@@ -214,26 +235,35 @@ class LatencyDB:
         return None if row is None else {"key": row["key"], "kind": row["kind"],
                                          "canonical": json.loads(row["canonical"])}
 
-    def set_model(self, name: str, env: str, config: dict,
+    def set_model(self, name: str, env: str, engine: str, config: dict,
                   units: Sequence[tuple[str, str, str, str, int]]) -> None:
-        """Replace a model's units as captured in `env`: rows of (phase, regime, role,
-        signature, count). The units a model runs depend on the engine's library versions,
-        so later stages read them from here rather than capturing on another machine."""
+        """Replace a model's units as captured in `env` for one engine profile: rows of (phase,
+        regime, role, signature, count). The units a model runs depend on the engine's library
+        versions, so later stages read them from here rather than capturing on another machine."""
         with _transaction(self.conn, immediate=True):
-            self.conn.execute("INSERT OR REPLACE INTO models VALUES (?, ?, ?, ?)",
-                              (name, env, json.dumps(config, sort_keys=True, default=str),
-                               time.time()))
-            self.conn.execute("DELETE FROM model_units WHERE model = ? AND env = ?", (name, env))
+            self.conn.execute("INSERT OR REPLACE INTO models VALUES (?, ?, ?, ?, ?)",
+                              (name, env, engine,
+                               json.dumps(config, sort_keys=True, default=str), time.time()))
+            self.conn.execute("DELETE FROM model_units WHERE model = ? AND env = ? AND engine = ?",
+                              (name, env, engine))
             self.conn.executemany(
-                "INSERT INTO model_units VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [(name, env, *u) for u in units])
+                "INSERT INTO model_units VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [(name, env, engine, *u) for u in units])
 
-    def model_units(self, name: str, env: str) -> list[dict]:
-        """A model's recorded units in `env` (empty if it was never profiled there)."""
+    def model_units(self, name: str, env: str, engine: str) -> list[dict]:
+        """A model's recorded units in `env` under `engine` (empty if never profiled there)."""
         rows = self.conn.execute(
             "SELECT phase, regime, role, signature, count FROM model_units "
-            "WHERE model = ? AND env = ? ORDER BY phase, regime, role", (name, env))
+            "WHERE model = ? AND env = ? AND engine = ? ORDER BY phase, regime, role",
+            (name, env, engine))
         return [dict(r) for r in rows]
+
+    def models(self, env: str | None = None, engine: str | None = None) -> list[dict]:
+        """Recorded (name, env, engine, config) rows, optionally of one environment/engine."""
+        rows = self.conn.execute(
+            "SELECT name, env, engine, config FROM models WHERE (? IS NULL OR env = ?) "
+            "AND (? IS NULL OR engine = ?) ORDER BY name, engine", (env, env, engine, engine))
+        return [{**dict(r), "config": json.loads(r["config"])} for r in rows]
 
     # --- points --------------------------------------------------------------------------------
 
@@ -319,6 +349,32 @@ class LatencyDB:
                 "WHERE signature = ? AND env = ? AND point = ? AND status = 'claimed' "
                 "AND claimed_by = ?", [(signature, env, p, _owner()) for p in points])
 
+    def ok_points(self, env: str, signature: str) -> list[tuple[dict, float]]:
+        """(point, median ms) of every measured point of one signature, in point order."""
+        rows = self.conn.execute(
+            "SELECT point, median_ms FROM points WHERE env = ? AND signature = ? "
+            "AND status = 'ok' ORDER BY point", (env, signature))
+        return [(json.loads(r["point"]), r["median_ms"]) for r in rows]
+
+    # --- fits ----------------------------------------------------------------------------------
+
+    def save_fits(self, env: str, rows: Sequence[tuple[str, str, dict, float | None, int, str]]
+                  ) -> None:
+        """Store (signature, method, model JSON, cv_mape, n_points, points digest) rows."""
+        now = time.time()
+        with _transaction(self.conn, immediate=True):
+            self.conn.executemany(
+                "INSERT OR REPLACE INTO fits VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [(sig, env, method, json.dumps(model, sort_keys=True), cv, n, digest, now)
+                 for sig, method, model, cv, n, digest in rows])
+
+    def fits(self, env: str) -> dict[str, dict]:
+        """signature -> {method, model (JSON dict), cv_mape, n_points, points_digest}."""
+        rows = self.conn.execute("SELECT * FROM fits WHERE env = ?", (env,))
+        return {r["signature"]: {"method": r["method"], "model": json.loads(r["model"]),
+                                 "cv_mape": r["cv_mape"], "n_points": r["n_points"],
+                                 "points_digest": r["points_digest"]} for r in rows}
+
     # --- runs ----------------------------------------------------------------------------------
 
     def start_run(self, env: str, command: str) -> int:
@@ -370,8 +426,10 @@ def _check_header(path: Path) -> None:
         raise UserError(f"{path}: not a dooly_fx latency DB (not an SQLite file)")
 
 
-def _check_schema(conn: sqlite3.Connection, path: Path) -> None:
-    """Refuse foreign, older, newer or corrupt files without writing to them."""
+def _check_schema(conn: sqlite3.Connection, path: Path,
+                  versions: tuple[int, ...] = (SCHEMA_VERSION,)) -> int:
+    """Refuse foreign, older, newer or corrupt files without writing to them; returns the
+    schema version (one of `versions`)."""
     try:
         ok = conn.execute("PRAGMA quick_check").fetchone()[0]
         if ok != "ok":
@@ -384,7 +442,80 @@ def _check_schema(conn: sqlite3.Connection, path: Path) -> None:
     if meta.get("app") != APP_ID:
         raise UserError(f"{path}: an SQLite file, but not a dooly_fx latency DB")
     version = int(meta.get("schema_version", 0))
-    if version != SCHEMA_VERSION:
+    if version not in versions:
+        if version in _UPGRADES:
+            raise UserError(f"{path}: an older latency DB schema (v{version}); upgrade it with "
+                            f"`python -m dooly_fx upgrade-db {path}`")
         older = "an older" if version < SCHEMA_VERSION else "a newer"
         raise UserError(f"{path}: {older} latency DB schema (v{version}; this dooly_fx reads "
                         f"v{SCHEMA_VERSION}); profile into a new file")
+    return version
+
+
+# --- upgrades ------------------------------------------------------------------------------------
+
+
+def _upgrade_1(conn: sqlite3.Connection) -> None:
+    """v1 -> v2: the engine profile leaves the environment fingerprint (a unit's signature
+    already names its kernels and dtypes, so sdpa and eager profiles share every non-attention
+    point) and moves to `models`/`model_units`; a `fits` table is added."""
+    engines: dict[str, str] = {}
+    for row in conn.execute("SELECT * FROM environments").fetchall():
+        info = json.loads(row["info"])
+        engines[row["fingerprint"]] = info.pop("engine", "padded|sdpa|bfloat16")
+        info.pop("dtype", None)
+        new = fingerprint(info)
+        conn.execute("INSERT OR IGNORE INTO environments VALUES (?, ?, ?, ?)",
+                     (new, row["device"], json.dumps(info, sort_keys=True), row["created_at"]))
+        if new == row["fingerprint"]:
+            continue
+        conn.execute("UPDATE OR IGNORE points SET env = ? WHERE env = ?", (new, row["fingerprint"]))
+        conn.execute("DELETE FROM points WHERE env = ?", (row["fingerprint"],))
+        conn.execute("UPDATE runs SET env = ? WHERE env = ?", (new, row["fingerprint"]))
+        engines[new] = engines[row["fingerprint"]]
+    models = conn.execute("SELECT * FROM models").fetchall()
+    units = conn.execute("SELECT * FROM model_units").fetchall()
+    old_envs = set(engines)
+    conn.execute("DROP TABLE model_units")
+    conn.execute("DROP TABLE models")
+    for statement in _SCHEMA.split(";"):
+        if any(f"CREATE TABLE {t} " in statement for t in ("models", "model_units", "fits")):
+            conn.execute(statement)
+    new_env = {old: fingerprint({k: v for k, v in json.loads(info).items()
+                                 if k not in ("engine", "dtype")})
+               for old, info in conn.execute("SELECT fingerprint, info FROM environments")}
+    conn.executemany("INSERT OR REPLACE INTO models VALUES (?, ?, ?, ?, ?)",
+                     [(r["name"], new_env[r["env"]], engines[r["env"]], r["config"],
+                       r["updated_at"]) for r in models])
+    conn.executemany("INSERT OR REPLACE INTO model_units VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                     [(r["model"], new_env[r["env"]], engines[r["env"]], r["phase"], r["regime"],
+                       r["role"], r["signature"], r["count"]) for r in units])
+    stale = [fp for fp in old_envs if fp not in set(new_env.values())]
+    conn.executemany("DELETE FROM environments WHERE fingerprint = ?", [(fp,) for fp in stale])
+
+
+_UPGRADES = {1: _upgrade_1}
+"""schema version -> function that upgrades it by one version, inside one transaction."""
+
+
+def upgrade(path: str | Path) -> tuple[int, int]:
+    """Upgrade a DB file in place to the current schema, in one transaction (all or nothing).
+    Returns (from version, to version)."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such latency DB")
+    _check_header(path)
+    conn = sqlite3.connect(path, timeout=60.0, isolation_level=None)
+    conn.row_factory = sqlite3.Row
+    try:
+        start = version = _check_schema(conn, path, (*_UPGRADES, SCHEMA_VERSION))
+        conn.execute("PRAGMA foreign_keys = OFF")
+        with _transaction(conn, immediate=True):
+            while version != SCHEMA_VERSION:
+                _UPGRADES[version](conn)
+                version += 1
+            conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'",
+                         (str(version),))
+    finally:
+        conn.close()
+    return start, version

@@ -38,6 +38,9 @@ class EngineProfile:
                 f"unknown attention '{self.attn_impl}'; choose from {', '.join(ATTN_IMPLS)}")
         if self.dtype not in _DTYPES:
             raise UserError(f"unknown dtype '{self.dtype}'; choose from {', '.join(_DTYPES)}")
+        if self.experts_impl not in ("grouped_mm", "batched_mm"):
+            raise UserError(f"unknown experts implementation '{self.experts_impl}'; choose from "
+                            "grouped_mm, batched_mm")
         if self.tp != 1:
             raise UserError("tensor parallelism (--tp > 1) is not supported yet")
 
@@ -52,4 +55,6 @@ class EngineProfile:
 
     @property
     def label(self) -> str:
-        return f"{self.engine}|{self.attn_impl}|{self.dtype}"
+        """`engine|attn|dtype`, plus `|experts` when MoE experts do not use grouped_mm."""
+        base = f"{self.engine}|{self.attn_impl}|{self.dtype}"
+        return base if self.experts_impl == "grouped_mm" else f"{base}|{self.experts_impl}"

@@ -150,12 +150,14 @@ def on_device(gm: torch.fx.GraphModule, device: str) -> torch.fx.GraphModule:
 
 
 def replay_subgraph(case: UnitCase, point: Point, device: str,
-                    args: list[object] | None = None) -> Runnable:
-    """Run the extracted subgraph (what the engine runs for this unit) on fresh inputs."""
+                    args: list[object] | None = None,
+                    gm: torch.fx.GraphModule | None = None) -> Runnable:
+    """Run the extracted subgraph (what the engine runs for this unit) on fresh inputs
+    (or `gm`, the subgraph with some ops swapped for the engine's own implementation)."""
     args = materialise(case, point, device) if args is None else args
     values = realise(case.symbols, point)
     expected = [shape_at(label, values) for label in case.outputs]
-    gm = on_device(case.subgraph, device)
+    gm = on_device(case.subgraph if gm is None else gm, device)
 
     def fn() -> object:
         return gm(*args)
@@ -189,26 +191,59 @@ def _paged(case: UnitCase, point: Point, device: str) -> Runnable:
     return replay_subgraph(case, point, device, args)
 
 
+def moe_routing(tokens: int, top_k: int, experts: int, skew: float,
+                device: str) -> torch.Tensor:
+    """(tokens, top_k) expert ids: each token's k distinct experts drawn with popularity
+    p_e ∝ (e + 1)^-skew; skew 0 is round-robin, every expert getting the same share."""
+    if skew == 0:
+        return (torch.arange(tokens * top_k, device=device) % experts).reshape(tokens, top_k)
+    generator = torch.Generator(device="cpu")
+    generator.manual_seed(0)
+    weights = (torch.arange(experts, dtype=torch.float64) + 1) ** -skew
+    ids = torch.multinomial(weights.expand(tokens, experts), top_k, replacement=False,
+                            generator=generator)
+    return ids.to(device)
+
+
 @register_lowering("moe_experts")
 def _moe_experts(case: UnitCase, point: Point, device: str) -> Runnable:
-    """Experts with synthesised uniform routing: token t's j-th choice is expert (t·k + j) mod E,
-    each with weight 1/k, so every expert gets the same share of tokens.
+    """transformers' experts implementation (the op's `impl` argument) with synthesised
+    routing at the point's skew (`moe_routing`), each choice weighted 1/k; checked against the
+    op's reference semantics on the same inputs before timing.
 
-    The routing indices are the op's int64 (T, k) input; E is the experts weight's first dim.
+    The routing ids are the op's int64 (T, k) input; E is the experts weight's first dim.
     """
+    from dooly_fx.moe import run_engine_experts
+
     args = materialise(case, point, device)
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
     experts = next(t.shape[0] for t in tensors if t.is_floating_point() and t.dim() == 3)
-    routed = []
+    routed: list[object] = []
     for arg in args:
         if isinstance(arg, torch.Tensor) and arg.dtype == torch.int64 and arg.dim() == 2:
-            t, k = arg.shape
-            arg = (torch.arange(t * k, device=device).reshape(t, k) % experts)
+            arg = moe_routing(arg.shape[0], arg.shape[1], experts, point.get("skew", 0.0),
+                              device)
         elif isinstance(arg, torch.Tensor) and arg.is_floating_point() and arg.dim() == 2 \
-                and routed and routed[-1].dtype == torch.int64 and arg.shape == routed[-1].shape:
+                and routed and isinstance(routed[-1], torch.Tensor) and \
+                routed[-1].dtype == torch.int64 and arg.shape == routed[-1].shape:
             arg = torch.full_like(arg, 1.0 / arg.shape[1])
         routed.append(arg)
-    return replay_subgraph(case, point, device, routed)
+    engine_gm = copy.deepcopy(case.subgraph)
+    for node in engine_gm.graph.nodes:
+        if node.target is torch.ops.dooly.moe_experts.default:
+            node.target = run_engine_experts
+    engine_gm.recompile()
+    runnable = replay_subgraph(case, point, device, routed, engine_gm)
+    reference = on_device(case.subgraph, device)
+
+    def check() -> None:
+        runnable.check()
+        got, want = runnable.fn(), reference(*routed)
+        got, want = (x[0] if isinstance(x, tuple | list) else x for x in (got, want))
+        torch.testing.assert_close(got.float(), want.float(), rtol=0.05, atol=0.05 * float(
+            want.float().abs().max()) + 1e-3)
+
+    return Runnable(runnable.fn, check)
 
 
 # --- cost formulas ------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Stages 6–8: plan what is missing from the latency DB, and profile it.
 
     collect(models) -> Collection        capture every phase, one UnitCase per unique signature
-    environment(device, engine) -> Env   fingerprint: device, driver, library versions, engine
+    environment(device) -> Env           fingerprint: device, driver, library versions
     plan(db, collection, env, bounds)    covered / missing points per model, and the dedup saving
     profile(db, collection, env, ...)    measure only missing points, resumable, several GPUs
 
@@ -12,7 +12,6 @@ the same grid (the Dooly paper's baseline).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import multiprocessing
 import platform
@@ -26,7 +25,7 @@ from queue import Empty
 import torch
 
 from dooly_fx.capture import capture
-from dooly_fx.db import LatencyDB, Timing, canonical_point
+from dooly_fx.db import LatencyDB, Timing, canonical_point, fingerprint
 from dooly_fx.engine import EngineProfile
 from dooly_fx.errors import UserError
 from dooly_fx.lowering import UnitCase, cost, lower
@@ -51,6 +50,8 @@ class Collection:
     units: dict[str, list[tuple[str, str, str, str, int]]] = field(default_factory=dict)
     """model -> rows of (phase, regime, role, signature, count)."""
     configs: dict[str, dict] = field(default_factory=dict)
+    engine: str = EngineProfile().label
+    """The engine profile the models were captured for (its label)."""
 
     def signatures_of(self, model: str) -> list[str]:
         return sorted({row[3] for row in self.units[model]})
@@ -66,7 +67,7 @@ class Env:
 def collect(specs: Sequence[ModelSpec], engine: EngineProfile, phases: Sequence[str],
             on_model: Callable[[str], None] | None = None) -> Collection:
     """Capture every phase of every model; keep one extracted case per unique signature."""
-    out = Collection()
+    out = Collection(engine=engine.label)
     for spec in specs:
         rows: dict[tuple[str, str, str, str], int] = {}
         for phase in phases:
@@ -104,8 +105,10 @@ def _case(gm, unit, sig) -> UnitCase:
                     [o for o in outputs if isinstance(o, TensorLabel)], symbols)
 
 
-def environment(device: str, engine: EngineProfile) -> Env:
-    """The fingerprint of where and how timings are taken (hash of the info dict)."""
+def environment(device: str) -> Env:
+    """The fingerprint of where timings are taken: device, driver, library versions and timing
+    method (hash of the info dict). The engine profile is not part of it: a unit's signature
+    already names its kernels and dtypes, so engines share every unit they have in common."""
     import transformers
 
     try:
@@ -116,8 +119,7 @@ def environment(device: str, engine: EngineProfile) -> Env:
     info: dict = {
         "device_type": "cuda" if device.startswith("cuda") else "cpu",
         "torch": torch.__version__, "triton": triton_version,
-        "transformers": transformers.__version__, "engine": engine.label,
-        "dtype": engine.dtype, "timing_version": TIMING_VERSION,
+        "transformers": transformers.__version__, "timing_version": TIMING_VERSION,
     }
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
@@ -129,8 +131,7 @@ def environment(device: str, engine: EngineProfile) -> Env:
                     memory_gib=round(props.total_memory / 2**30, 1))
     else:
         info.update(device=cpu_name(), threads=torch.get_num_threads())
-    text = json.dumps(info, sort_keys=True, separators=(",", ":"))
-    return Env(hashlib.sha256(text.encode()).hexdigest(), info["device"], info)
+    return Env(fingerprint(info), info["device"], info)
 
 
 def cpu_name() -> str:
@@ -154,15 +155,15 @@ def _driver_version() -> str | None:
         return None
 
 
-def plan_environment(db, device: str, engine: EngineProfile) -> Env:
+def plan_environment(db, device: str) -> Env:
     """The environment a plan is for: this machine's, or, for `--device cuda` on a machine
-    without a GPU, the newest CUDA environment recorded in the DB for the same engine."""
+    without a GPU, the newest CUDA environment recorded in the DB."""
     if device == "cpu" or torch.cuda.is_available():
-        return environment(device, engine)
+        return environment(device)
     recorded = [e for e in db.environments() if e.get("device_type") == "cuda"
-                and e.get("engine") == engine.label and e.get("timing_version") == TIMING_VERSION]
+                and e.get("timing_version") == TIMING_VERSION]
     if not recorded:
-        info = {"device_type": "cuda", "device": "cuda (none recorded)", "engine": engine.label}
+        info = {"device_type": "cuda", "device": "cuda (none recorded)"}
         return Env("none", info["device"], info)
     env = recorded[-1]
     return Env(env["fingerprint"], env["device"], env)
@@ -186,7 +187,7 @@ HARDWARE_PEAKS = {  # (dense bf16 FLOP/s, memory bytes/s); CPU: a 2-core machine
 def _model_signatures(db, coll: Collection, env: Env, model: str) -> tuple[list[str], str]:
     """A model's signatures: as recorded in the DB for `env` (captured with that environment's
     software), else from this machine's capture. Returns (signatures, where from)."""
-    recorded = db.model_units(model, env.fingerprint)
+    recorded = db.model_units(model, env.fingerprint, coll.engine)
     if recorded:
         return sorted({u["signature"] for u in recorded}), "db"
     if model not in coll.units:
@@ -251,20 +252,19 @@ def plan(db: LatencyDB, coll: Collection, env: Env, bounds: Bounds,
     }
 
 
-def savings(db: LatencyDB, env: str, models: Sequence[str] | None = None) -> dict:
+def savings(db: LatencyDB, env: str, engine: str, models: Sequence[str] | None = None) -> dict:
     """Measured saving of dedup: device seconds the DB's runs spent on the unique signatures of
     `models` against the sum, over models, of the seconds each model's own signatures took.
 
     Reads only the DB: each model's units as recorded for `env` (`model_units`) and the device
     seconds per signature over all runs in `env` (`run_signatures`).
     """
-    recorded = [r[0] for r in db.conn.execute(
-        "SELECT name FROM models WHERE env = ? ORDER BY name", (env,))]
+    recorded = [m["name"] for m in db.models(env, engine)]
     models = list(models) if models else recorded
     spent = db.device_seconds(env)
     per_model, union = [], set()
     for model in models:
-        sigs = {u["signature"] for u in db.model_units(model, env)}
+        sigs = {u["signature"] for u in db.model_units(model, env, engine)}
         if not sigs:
             raise UserError(f"{model}: no units recorded for environment {env[:12]}; "
                             "profile it there first")
@@ -310,7 +310,7 @@ def profile(db: LatencyDB, coll: Collection, env: Env, bounds: Bounds, device: s
     db.add_signatures((c.key, c.kind, json.dumps(c.canonical, sort_keys=True))
                       for c in coll.cases.values())
     for model, units in coll.units.items():
-        db.set_model(model, env.fingerprint, coll.configs[model], units)
+        db.set_model(model, env.fingerprint, coll.engine, coll.configs[model], units)
     run_id = db.start_run(env.fingerprint, command)
     result = ProfileResult()
     status = "done"
@@ -386,7 +386,7 @@ def profile_worker(args: tuple) -> ProfileResult:
 
     coll = collect([resolve_model(r) for r in refs], engine, phases)
     with LatencyDB.open(db_path) as db:
-        env = environment(device, engine)
+        env = environment(device)
         return profile(db, coll, env, bounds, device, command,
                        on_point=lambda: queue.put(1) if queue is not None else None,
                        budget_ms=budget_ms)

@@ -24,6 +24,9 @@ SEQ_GRID = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 CONTEXT_GRID = (16, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
 """Cached tokens per sequence (P)."""
 
+MOE_SKEWS = (0.0, 1.0, 2.0)
+"""Routing skews of MoE expert sweeps: the Zipf exponent of expert popularity (0 = uniform)."""
+
 _ROLE = {TOKEN_VAR: "tokens", "S": "tokens", "T": "tokens", "B": "seqs", "N": "seqs",
          "P": "context"}
 _IDENT = re.compile(r"[A-Za-z_]\w*")
@@ -78,9 +81,11 @@ def points(canonical: dict, bounds: Bounds) -> list[dict[str, int]]:
     names = request_vars(canonical)
     if not names:
         return [{}]
-    grids = [bounds.grid(v) for v in names]
+    grids: list[list] = [bounds.grid(v) for v in names]
     if len(names) >= 3:  # keep 3-variable sweeps (mixed batches) to a few hundred points
         grids = [g[::2] if len(g) > 6 else g for g in grids]
+    if canonical.get("kind") == "moe_experts":  # routing is a value: its skew is swept too
+        names, grids = [*names, "skew"], [*grids, list(MOE_SKEWS)]
     out = [dict(zip(names, values, strict=True)) for values in itertools.product(*grids)]
     return [p for p in out if _feasible(p, bounds)]
 
@@ -93,7 +98,7 @@ def realise(unit_symbols: list[str], point: dict[str, int]) -> dict[sympy.Symbol
     way. Symbols the signature does not depend on (a tensor read only for one dimension of its
     shape) are 1 as well.
     """
-    values = {named(k): v for k, v in point.items() if k != TOKEN_VAR}
+    values = {named(k): v for k, v in point.items() if k in REQUEST_SYMBOLS}
     if TOKEN_VAR in point:
         names = list(unit_symbols)
         target = next((n for n in ("S", "T", "N", "B") if n in names), None)

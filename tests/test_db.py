@@ -33,7 +33,7 @@ def test_new_db_is_wal_and_versioned(tmp_path):
     with _fresh(tmp_path / "lat.db") as db:
         assert db.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         meta = dict(db.conn.execute("SELECT key, value FROM meta").fetchall())
-    assert meta == {"app": "dooly_fx latency db", "schema_version": "1"}
+    assert meta == {"app": "dooly_fx latency db", "schema_version": "2"}
 
 
 @pytest.mark.parametrize("content", [b"not a database at all\n" * 50, b"SQLite format 3\x00junk"])
@@ -143,3 +143,54 @@ def test_kill_9_then_rerun_finishes_only_what_is_missing(tmp_path):
         run = db.start_run(ENV, "rerun")
         again = db.claim(ENV, SIG, POINTS, run)
         assert again == POINTS[3:]  # the dead profiler's claims are taken over, nothing else
+
+
+_V1_MODELS = """
+CREATE TABLE models (name TEXT NOT NULL, env TEXT NOT NULL, config TEXT NOT NULL,
+                     updated_at REAL NOT NULL, PRIMARY KEY (name, env));
+CREATE TABLE model_units (model TEXT NOT NULL, env TEXT NOT NULL, phase TEXT NOT NULL,
+                          regime TEXT NOT NULL, role TEXT NOT NULL, signature TEXT NOT NULL,
+                          count INTEGER NOT NULL,
+                          PRIMARY KEY (model, env, phase, regime, role, signature));
+"""
+
+
+def test_v1_db_is_refused_then_upgraded_in_place(tmp_path):
+    """v1 kept the engine profile in the environment fingerprint; v2 moves it to `models`, so
+    two engines share their common points. The upgrade keeps every point and model row."""
+    import json
+
+    from dooly_fx.db import fingerprint, upgrade
+
+    path = tmp_path / "v1.db"
+    info = {"device": "cpu", "engine": "padded|eager|bfloat16", "dtype": "bfloat16"}
+    old_env = fingerprint(info)
+    with LatencyDB.open(path) as db:
+        db.add_environment(old_env, "cpu", info)
+        db.add_signatures([(SIG, "gemm", '{"kind":"gemm"}')])
+        run = db.start_run(old_env, "test")
+        db.claim(old_env, SIG, POINTS[:2], run)
+        db.record(old_env, SIG, [(p, _timing(1.0)) for p in POINTS[:2]], run, 0.5)
+        db.conn.executescript("DROP TABLE model_units; DROP TABLE models; DROP TABLE fits;"
+                              + _V1_MODELS)
+        db.conn.execute("INSERT INTO models VALUES ('m', ?, '{}', 0)", (old_env,))
+        db.conn.execute("INSERT INTO model_units VALUES ('m', ?, 'decode', '', 'q', ?, 3)",
+                        (old_env, SIG))
+        db.conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    before = path.read_bytes()
+    with pytest.raises(UserError, match="upgrade-db"):
+        LatencyDB.open(path)
+    assert path.read_bytes() == before
+
+    assert upgrade(path) == (1, 2)
+    new_env = fingerprint({"device": "cpu"})
+    with LatencyDB.open(path) as db:
+        assert [e["fingerprint"] for e in db.environments()] == [new_env]
+        assert len(db.ok_points(new_env, SIG)) == 2
+        assert db.models() == [{"name": "m", "env": new_env, "engine": "padded|eager|bfloat16",
+                                "config": {}}]
+        assert db.model_units("m", new_env, "padded|eager|bfloat16") == [
+            {"phase": "decode", "regime": "", "role": "q", "signature": SIG, "count": 3}]
+        assert db.conn.execute("SELECT env FROM runs").fetchone()[0] == new_env
+        assert json.loads(db.conn.execute("SELECT info FROM environments").fetchone()[0]) == \
+            {"device": "cpu"}

@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from dooly_fx.db import LatencyDB
 from dooly_fx.engine import EngineProfile
@@ -53,7 +54,7 @@ def test_plan_counts_and_dedup_saving(tmp_path):
     specs = [tiny_spec("llama-3.1-8b"), tiny_spec("mistral-7b", vocab_size=512)]
     coll = collect(specs, EngineProfile(), ["decode"])
     with LatencyDB.open(tmp_path / "lat.db") as db:
-        env = environment("cpu", EngineProfile())
+        env = environment("cpu")
         report = plan(db, coll, env, Bounds(16, 2, 64), [s.name for s in specs])
     llama, mistral = report["models"]
     # The two share every decode unit but the vocab-sized ones (embedding, LM head).
@@ -77,7 +78,7 @@ def test_profile_cli_then_nothing_left(tmp_path):
     assert "nothing to profile" in again.stdout
     with LatencyDB.open(db) as handle:
         (env,) = handle.environments()
-        units = handle.model_units(config, env["fingerprint"])
+        units = handle.model_units(config, env["fingerprint"], EngineProfile().label)
     assert {u["phase"] for u in units} == {"decode"}
     assert sum(u["count"] for u in units if u["role"].endswith("q_proj")) == 3
     out = tmp_path / "plan.json"
@@ -147,7 +148,7 @@ def test_every_family_profiles_without_failures(tmp_path):
     for engine in (EngineProfile(), EngineProfile(engine="paged")):
         coll = collect(specs, engine, ["prefill", "decode"])
         with LatencyDB.open(tmp_path / f"{engine.engine}.db") as db:
-            result = profile(db, coll, environment("cpu", engine), Bounds(8, 2, 48), "cpu",
+            result = profile(db, coll, environment("cpu"), Bounds(8, 2, 48), "cpu",
                              "test", budget_ms=(0.5, 1.0))
         assert result.failed == 0, result.errors
         assert result.measured == sum(len(points(c.canonical, Bounds(8, 2, 48)))
@@ -180,10 +181,10 @@ def test_measured_saving_from_the_db_run_records(tmp_path):
     specs = [tiny_spec("llama-3.1-8b"), tiny_spec("mistral-7b", vocab_size=512)]
     engine = EngineProfile()
     coll = collect(specs, engine, ["decode"])
-    env = environment("cpu", engine)
+    env = environment("cpu")
     with LatencyDB.open(tmp_path / "lat.db") as db:
         profile(db, coll, env, Bounds(8, 2, 32), "cpu", "test", budget_ms=(0.5, 1.0))
-        report = savings(db, env.fingerprint)
+        report = savings(db, env.fingerprint, engine.label)
         spent = db.device_seconds(env.fingerprint)
     llama = set(coll.signatures_of(specs[0].name))
     mistral = set(coll.signatures_of(specs[1].name))
@@ -203,7 +204,7 @@ def test_plan_reads_units_recorded_in_the_db(tmp_path):
     spec = tiny_spec("llama-3.1-8b")
     engine = EngineProfile()
     coll = collect([spec], engine, ["decode"])
-    env = environment("cpu", engine)
+    env = environment("cpu")
     bounds = Bounds(8, 2, 32)
     with LatencyDB.open(tmp_path / "lat.db") as db:
         profile(db, coll, env, bounds, "cpu", "test", budget_ms=(0.5, 1.0))
@@ -212,3 +213,23 @@ def test_plan_reads_units_recorded_in_the_db(tmp_path):
     assert model["units_from"] == "db"
     assert model["signatures"] == len(coll.cases)
     assert model["missing_points"] == 0 and model["covered_points"] > 0
+
+
+@pytest.mark.parametrize("impl", ["grouped_mm", "batched_mm"])
+def test_moe_experts_run_the_engine_implementation_at_each_skew(impl):
+    """The experts unit names its implementation, sweeps routing skew, and times transformers'
+    own experts function, checked against the op's reference semantics first."""
+    from dooly_fx.lowering import lower, moe_routing
+
+    coll = collect([tiny_spec("mixtral-8x7b")], EngineProfile(experts_impl=impl), ["prefill"])
+    (case,) = [c for c in coll.cases.values() if c.kind == "moe_experts"]
+    assert case.canonical["scalars"][0][-1] == impl
+    sweep = points(case.canonical, Bounds(max_tokens=4))
+    assert sweep == [{"m": m, "skew": s} for m in (1, 2, 4) for s in (0.0, 1.0, 2.0)]
+    for point in sweep:
+        lower(case, point, "cpu").check()
+    uniform = torch.bincount(moe_routing(64, 2, 8, 0.0, "cpu").flatten(), minlength=8)
+    assert uniform.tolist() == [16] * 8
+    skewed = torch.bincount(moe_routing(64, 2, 8, 2.0, "cpu").flatten(), minlength=8)
+    assert skewed.sum() == 128 and skewed[0] >= 48 > 16 > skewed[7]
+    assert all(len(set(row.tolist())) == 2 for row in moe_routing(64, 2, 8, 2.0, "cpu"))
