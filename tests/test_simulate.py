@@ -113,6 +113,38 @@ def test_request_larger_than_cache_is_rejected(name):
     assert s["rejected"] == 1 and s["completed"] == 1 and s["ttft"]["p50"] == 0.25
 
 
+def test_transformers_safety_margin_holds_back_new_prefills():
+    reqs = [Request(0, 0.0, 8, 2), Request(1, 0.0, 2, 1)]  # 3 blocks + 1 block of 4 blocks
+    tight, loose = Recorder(), Recorder()
+    simulate(reqs, tight, cfg("transformers", block_size=4, num_blocks=4, safety_margin=0.5))
+    simulate(reqs, loose, cfg("transformers", block_size=4, num_blocks=4, safety_margin=0.0))
+    assert tight.batches == [[(8, 0)], [(1, 8)], [(2, 0)]]  # 1 free block < 2: B waits
+    assert loose.batches == [[(8, 0), (2, 0)], [(1, 8)]]
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_random_configs_respect_limits_and_account_every_token(seed):
+    rng = np.random.default_rng(seed)
+    name = ["transformers", "transformers-prefill-first", "vllm"][seed % 3]
+    config = preset(name, block_size=int(rng.choice([4, 16])),
+                    num_blocks=int(rng.integers(4, 80)), max_batch_tokens=int(rng.integers(1, 400)),
+                    max_seqs=int(rng.integers(1, 24)), chunked_prefill=bool(seed % 4),
+                    cuda_graph_padding=bool(seed % 2))
+    reqs = synthetic(int(rng.integers(1, 80)), qps=float(rng.choice([5.0, 500.0, math.inf])),
+                     prompt=LengthDist.uniform(1, 200), output=LengthDist.uniform(1, 50), seed=seed)
+    res = simulate(reqs, lambda b: 1e-3 + 1e-5 * sum(q for q, _ in b), config)
+    st, s = res.steps, res.summary()
+    assert s["completed"] + s["rejected"] == len(reqs)
+    assert st["kv_blocks"].max(initial=0) <= config.num_blocks
+    assert st["tokens"].max(initial=0) <= config.max_batch_tokens
+    assert st["seqs"].max(initial=0) <= config.max_seqs
+    done = ~res.rejected
+    assert np.all(res.ttft[done] > 0) and np.all(res.e2e[done] >= res.ttft[done])
+    if s["preemptions"] == 0 and s["dropped"] == 0:  # every prompt and output token once
+        assert st["tokens"].sum() == sum(r.prompt_tokens + r.output_tokens - 1
+                                         for r, ok in zip(reqs, done, strict=True) if ok)
+
+
 def test_request_the_engine_can_never_schedule_is_dropped():
     # 12 tokens fit 3 blocks, but transformers asks (11 + 1) // 4 + 1 = 4 blocks for the prompt.
     res = simulate([Request(0, 0.0, 11, 1), Request(1, 1.0, 3, 2)], Recorder(),
