@@ -6,28 +6,18 @@ User mistakes print one line on stderr and exit with status 2; no traceback.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
-from rich.console import Console
 from rich.markup import escape
-from rich.progress import (
-    BarColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from rich.table import Table
 
 from dooly_fx.engine import ATTN_IMPLS, ENGINES, PHASES, EngineProfile
 from dooly_fx.errors import UserError
-
-# Tables are wide; a pipe or a narrow terminal would wrap every cell.
-_out = Console(width=200) if not sys.stdout.isatty() else Console()
-_err = Console(stderr=True)
+from dooly_fx.ui import err as _err
+from dooly_fx.ui import out as _out
+from dooly_fx.ui import progress as _progress
+from dooly_fx.ui import write_json as _write_json
 
 
 def cmd_zoo(args: argparse.Namespace) -> None:
@@ -165,7 +155,14 @@ def cmd_profile(args: argparse.Namespace) -> None:
             --max-seqs 4 --max-context 256
     """
     from dooly_fx.db import LatencyDB
-    from dooly_fx.profile import command_line, environment, plan, profile, spawn_workers
+    from dooly_fx.profile import (
+        command_line,
+        environment,
+        plan,
+        profile,
+        record_models,
+        spawn_workers,
+    )
 
     specs, engine, bounds, phases = _sweep_args(args)
     devices = _devices(args)
@@ -179,6 +176,7 @@ def cmd_profile(args: argparse.Namespace) -> None:
                 _out.print(f"{m['model']}: all {m['points']} points covered on {env.device}; "
                            "nothing to profile")
         if before["missing_points"] == 0:
+            record_models(db, coll, env)  # this machine's capture of their units
             return
         total = sum(len(points_of) for points_of in _grids(coll, bounds))
         with _progress(eta=True) as progress:
@@ -295,23 +293,6 @@ def _print_shared(reports, shared: list[dict]) -> None:
     _out.print(per_model)
 
 
-def _progress(eta: bool = False) -> Progress:
-    columns = [TextColumn("{task.description}"), BarColumn(),
-               TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn()]
-    if eta:
-        columns.append(TimeRemainingColumn())
-    return Progress(*columns, console=_err, transient=True)
-
-
-def _write_json(path: str, payload: dict) -> None:
-    target = Path(path)
-    if target.parent and not target.parent.exists():
-        raise UserError(f"cannot write {path}: folder {target.parent} does not exist")
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    tmp.replace(target)
-
-
 def cmd_upgrade_db(args: argparse.Namespace) -> None:
     """Upgrade a latency DB file in place to this version's schema (one transaction: all or
     nothing; timings, runs and model rows are kept).
@@ -381,6 +362,10 @@ def _parser() -> argparse.ArgumentParser:
                           formatter_class=argparse.RawDescriptionHelpFormatter)
     up.add_argument("db", metavar="FILE")
     up.set_defaults(func=cmd_upgrade_db)
+
+    from dooly_fx.cli_latency import add_verbs
+
+    add_verbs(verbs, _engine_args)
     return parser
 
 

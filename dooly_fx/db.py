@@ -23,7 +23,7 @@ from pathlib import Path
 from dooly_fx.errors import UserError
 
 APP_ID = "dooly_fx latency db"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 CLAIM_TIMEOUT_S = 600.0
 """A claim older than this, or held by a process that no longer exists, can be taken over."""
 
@@ -57,6 +57,7 @@ CREATE TABLE model_units (
     role TEXT NOT NULL,
     signature TEXT NOT NULL REFERENCES signatures(key),
     count INTEGER NOT NULL,
+    binding TEXT NOT NULL DEFAULT '{}', -- JSON: token variable -> request expression, {"m":"B*S"}
     PRIMARY KEY (model, env, engine, phase, regime, role, signature)
 );
 CREATE TABLE points (
@@ -236,10 +237,10 @@ class LatencyDB:
                                          "canonical": json.loads(row["canonical"])}
 
     def set_model(self, name: str, env: str, engine: str, config: dict,
-                  units: Sequence[tuple[str, str, str, str, int]]) -> None:
+                  units: Sequence[tuple[str, str, str, str, int, dict]]) -> None:
         """Replace a model's units as captured in `env` for one engine profile: rows of (phase,
-        regime, role, signature, count). The units a model runs depend on the engine's library
-        versions, so later stages read them from here rather than capturing on another machine."""
+        regime, role, signature, count, binding). The units a model runs depend on the engine's
+        library versions, so later stages read them from here rather than capturing again."""
         with _transaction(self.conn, immediate=True):
             self.conn.execute("INSERT OR REPLACE INTO models VALUES (?, ?, ?, ?, ?)",
                               (name, env, engine,
@@ -247,16 +248,17 @@ class LatencyDB:
             self.conn.execute("DELETE FROM model_units WHERE model = ? AND env = ? AND engine = ?",
                               (name, env, engine))
             self.conn.executemany(
-                "INSERT INTO model_units VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                [(name, env, engine, *u) for u in units])
+                "INSERT INTO model_units VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(name, env, engine, *u[:5], json.dumps(u[5] if len(u) > 5 else {},
+                                                        sort_keys=True)) for u in units])
 
     def model_units(self, name: str, env: str, engine: str) -> list[dict]:
         """A model's recorded units in `env` under `engine` (empty if never profiled there)."""
         rows = self.conn.execute(
-            "SELECT phase, regime, role, signature, count FROM model_units "
+            "SELECT phase, regime, role, signature, count, binding FROM model_units "
             "WHERE model = ? AND env = ? AND engine = ? ORDER BY phase, regime, role",
             (name, env, engine))
-        return [dict(r) for r in rows]
+        return [{**dict(r), "binding": json.loads(r["binding"])} for r in rows]
 
     def models(self, env: str | None = None, engine: str | None = None) -> list[dict]:
         """Recorded (name, env, engine, config) rows, optionally of one environment/engine."""
@@ -487,14 +489,23 @@ def _upgrade_1(conn: sqlite3.Connection) -> None:
     conn.executemany("INSERT OR REPLACE INTO models VALUES (?, ?, ?, ?, ?)",
                      [(r["name"], new_env[r["env"]], engines[r["env"]], r["config"],
                        r["updated_at"]) for r in models])
-    conn.executemany("INSERT OR REPLACE INTO model_units VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+    conn.executemany("INSERT OR REPLACE INTO model_units (model, env, engine, phase, regime, "
+                     "role, signature, count) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                      [(r["model"], new_env[r["env"]], engines[r["env"]], r["phase"], r["regime"],
                        r["role"], r["signature"], r["count"]) for r in units])
     stale = [fp for fp in old_envs if fp not in set(new_env.values())]
     conn.executemany("DELETE FROM environments WHERE fingerprint = ?", [(fp,) for fp in stale])
 
 
-_UPGRADES = {1: _upgrade_1}
+def _upgrade_2(conn: sqlite3.Connection) -> None:
+    """v2 -> v3: `model_units.binding`, what a unit's token variable stands for. Rows from v2
+    get `{}` (re-running `profile` for the model records it)."""
+    columns = {r["name"] for r in conn.execute("PRAGMA table_info(model_units)")}
+    if "binding" not in columns:  # v1 -> v2 already made the table in its current form
+        conn.execute("ALTER TABLE model_units ADD COLUMN binding TEXT NOT NULL DEFAULT '{}'")
+
+
+_UPGRADES = {1: _upgrade_1, 2: _upgrade_2}
 """schema version -> function that upgrades it by one version, inside one transaction."""
 
 

@@ -5,13 +5,13 @@ rejected:
 * `register_lowering(kind)`: build a `Runnable` (inputs made for the point, the callable, and a
   check run before timing). Kinds without one replay the unit's own extracted subgraph, which is
   exactly what transformers runs for that unit.
-* `register_cost(kind)`: FLOPs and bytes of one call, for roofline features and plan estimates.
+FLOPs and bytes of a unit (roofline features, plan estimates) live in `costs.py`: they need only
+the signature, not a captured graph.
 """
 
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -50,9 +50,7 @@ class Runnable:
 
 
 Lowering = Callable[[UnitCase, Point, str], Runnable]
-Cost = Callable[[UnitCase, Point], tuple[float, float]]
 LOWERINGS: dict[str, Lowering] = {}
-COSTS: dict[str, Cost] = {}
 
 
 def register_lowering(*kinds: str) -> Callable[[Lowering], Lowering]:
@@ -66,28 +64,9 @@ def register_lowering(*kinds: str) -> Callable[[Lowering], Lowering]:
     return deco
 
 
-def register_cost(*kinds: str) -> Callable[[Cost], Cost]:
-    """Register a (FLOPs, bytes) formula for unit kinds; duplicates rejected."""
-    def deco(fn: Cost) -> Cost:
-        for kind in kinds:
-            if kind in COSTS:
-                raise ValueError(f"cost formula for {kind!r} registered twice")
-            COSTS[kind] = fn
-        return fn
-    return deco
-
-
 def lower(case: UnitCase, point: Point, device: str) -> Runnable:
     """The runnable for `case` at `point` on `device` (a registered lowering or subgraph replay)."""
     return LOWERINGS.get(case.kind, replay_subgraph)(case, point, device)
-
-
-def cost(case: UnitCase, point: Point) -> tuple[float, float]:
-    """(FLOPs, bytes moved) of one call of the unit at `point`."""
-    return COSTS.get(case.kind, _elementwise_cost)(case, point)
-
-
-# --- shapes at a point -------------------------------------------------------------------------
 
 
 def shape_at(label: TensorLabel, values: dict[sympy.Symbol, int]) -> list[int]:
@@ -244,54 +223,3 @@ def _moe_experts(case: UnitCase, point: Point, device: str) -> Runnable:
             want.float().abs().max()) + 1e-3)
 
     return Runnable(runnable.fn, check)
-
-
-# --- cost formulas ------------------------------------------------------------------------------
-
-
-def _tensor_bytes(case: UnitCase, point: Point) -> float:
-    values = realise(case.symbols, point)
-    total = 0
-    for label in [*case.inputs, *case.outputs]:
-        if isinstance(label, TensorLabel):
-            total += math.prod(shape_at(label, values)) * label.dtype.itemsize
-    return float(total)
-
-
-def _elementwise_cost(case: UnitCase, point: Point) -> tuple[float, float]:
-    """One FLOP per output element per op; bytes of all inputs and outputs once."""
-    values = realise(case.symbols, point)
-    elements = sum(math.prod(shape_at(o, values)) for o in case.outputs)
-    return float(elements * max(1, len(case.canonical.get("ops", [])))), \
-        _tensor_bytes(case, point)
-
-
-@register_cost("gemm", "lm_head")
-def _gemm_cost(case: UnitCase, point: Point) -> tuple[float, float]:
-    """2·M·N·K for `x (M, K) @ W (N, K)^T`; bytes of x, W and the output once."""
-    values = realise(case.symbols, point)
-    weight = next((lab for lab in case.inputs if isinstance(lab, TensorLabel)
-                   and all(isinstance(d, Config) for d in lab.dims) and len(lab.dims) == 2),
-                  None)
-    if weight is None:
-        return _elementwise_cost(case, point)
-    n, k = weight.dims[0].value, weight.dims[1].value
-    out = case.outputs[0]
-    m = math.prod(shape_at(out, values)) // n
-    return 2.0 * m * n * k, _tensor_bytes(case, point)
-
-
-@register_cost("attention", "paged_attention")
-def _attention_cost(case: UnitCase, point: Point) -> tuple[float, float]:
-    """4·B·H·Sq·Skv·D (QK^T and PV) over the query and key tensors; bytes of q, k, v, out."""
-    values = realise(case.symbols, point)
-    tensors = [shape_at(lab, values) for lab in case.inputs
-               if isinstance(lab, TensorLabel) and len(lab.dims) in (3, 4)]
-    if len(tensors) < 2:
-        return _elementwise_cost(case, point)
-    q, k = tensors[0], tensors[1]
-    if len(q) == 4:  # (B, H, S, D) and (B, Hkv, Skv, D)
-        flops = 4.0 * q[0] * q[1] * q[2] * k[2] * q[3]
-    else:  # flattened (T, H, D): causal self-attention over each sequence's own tokens
-        flops = 4.0 * q[0] * q[1] * q[0] * q[2] / max(1, point.get("N", 1))
-    return flops, _tensor_bytes(case, point)

@@ -25,12 +25,13 @@ from queue import Empty
 import torch
 
 from dooly_fx.capture import capture
+from dooly_fx.costs import cost
 from dooly_fx.db import LatencyDB, Timing, canonical_point, fingerprint
 from dooly_fx.engine import EngineProfile
 from dooly_fx.errors import UserError
-from dooly_fx.lowering import UnitCase, cost, lower
+from dooly_fx.lowering import UnitCase, lower
 from dooly_fx.passes.partition import partition, unit_outputs, unit_subgraph
-from dooly_fx.passes.signature import signature
+from dooly_fx.passes.signature import binding, signature
 from dooly_fx.passes.taint import META_KEY, Config, TensorLabel, taint
 from dooly_fx.spec import ModelSpec
 from dooly_fx.sweep import Bounds, points
@@ -47,8 +48,8 @@ class Collection:
     """The unique signatures of some models, and each model's unit counts."""
 
     cases: dict[str, UnitCase] = field(default_factory=dict)
-    units: dict[str, list[tuple[str, str, str, str, int]]] = field(default_factory=dict)
-    """model -> rows of (phase, regime, role, signature, count)."""
+    units: dict[str, list[tuple[str, str, str, str, int, dict]]] = field(default_factory=dict)
+    """model -> rows of (phase, regime, role, signature, count, binding)."""
     configs: dict[str, dict] = field(default_factory=dict)
     engine: str = EngineProfile().label
     """The engine profile the models were captured for (its label)."""
@@ -70,6 +71,7 @@ def collect(specs: Sequence[ModelSpec], engine: EngineProfile, phases: Sequence[
     out = Collection(engine=engine.label)
     for spec in specs:
         rows: dict[tuple[str, str, str, str], int] = {}
+        bindings: dict[tuple[str, str, str, str], dict] = {}
         for phase in phases:
             for cap in capture(spec, engine, phase):
                 taint(cap.gm, cap.symbols)
@@ -78,11 +80,12 @@ def collect(specs: Sequence[ModelSpec], engine: EngineProfile, phases: Sequence[
                     count = cap.plan.count(unit.layer)
                     key = (phase, cap.regime, unit.role, sig.key)
                     rows[key] = rows.get(key, 0) + count
+                    bindings[key] = binding(unit)
                     if sig.key not in out.cases:
                         out.cases[sig.key] = _case(cap.gm, unit, sig)
                     if spec.name not in out.cases[sig.key].models:
                         out.cases[sig.key].models.append(spec.name)
-        out.units[spec.name] = [(*k, c) for k, c in rows.items() if c > 0]
+        out.units[spec.name] = [(*k, c, bindings[k]) for k, c in rows.items() if c > 0]
         out.configs[spec.name] = spec.config.to_dict()
         if on_model is not None:
             on_model(spec.name)
@@ -174,7 +177,7 @@ def plan_environment(db, device: str) -> Env:
 
 def estimate_seconds(case: UnitCase, point: dict, peak_flops: float, peak_bytes: float) -> float:
     """Device seconds to profile one point: the timing budgets plus ~10 roofline-bound calls."""
-    flops, moved = cost(case, point)
+    flops, moved = cost(case.canonical, point)
     return POINT_OVERHEAD_S + 10 * max(flops / peak_flops, moved / peak_bytes)
 
 
@@ -299,6 +302,16 @@ class ProfileResult:
     errors: list[str] = field(default_factory=list)
 
 
+def record_models(db: LatencyDB, coll: Collection, env: Env) -> None:
+    """Record the environment, the signatures and each model's units (as captured here, with
+    this environment's software) in the DB."""
+    db.add_environment(env.fingerprint, env.device, env.info)
+    db.add_signatures((c.key, c.kind, json.dumps(c.canonical, sort_keys=True))
+                      for c in coll.cases.values())
+    for model, units in coll.units.items():
+        db.set_model(model, env.fingerprint, coll.engine, coll.configs[model], units)
+
+
 def profile(db: LatencyDB, coll: Collection, env: Env, bounds: Bounds, device: str,
             command: str, on_point: Callable[[], None] | None = None,
             batch: int = 8, budget_ms: tuple[float, float] = (25.0, 100.0)) -> ProfileResult:
@@ -306,11 +319,7 @@ def profile(db: LatencyDB, coll: Collection, env: Env, bounds: Bounds, device: s
 
     `budget_ms` is the (warm-up, repetition) time budget of each point.
     """
-    db.add_environment(env.fingerprint, env.device, env.info)
-    db.add_signatures((c.key, c.kind, json.dumps(c.canonical, sort_keys=True))
-                      for c in coll.cases.values())
-    for model, units in coll.units.items():
-        db.set_model(model, env.fingerprint, coll.engine, coll.configs[model], units)
+    record_models(db, coll, env)
     run_id = db.start_run(env.fingerprint, command)
     result = ProfileResult()
     status = "done"

@@ -94,12 +94,26 @@ def _token_products(nodes: list[torch.fx.Node]) -> set[str]:
     return products
 
 
+def _tokenwise(unit: OpUnit) -> bool:
+    """Collapse to one token variable only if every tensor sees the same token count (a gather
+    of N rows out of T tokens keeps both)."""
+    return unit.kind in TOKENWISE and \
+        len(_token_products([*unit_inputs(unit), *unit_outputs(unit)])) <= 1
+
+
+def binding(unit: OpUnit) -> dict[str, str]:
+    """What the token variable stands for in this unit: `{"m": "B*S"}` for a GEMM over every
+    token, `{"m": "B"}` for an LM head that sees one token per sequence; `{}` when the
+    signature keeps its request expressions (or has none). Predicting a step needs it."""
+    if not _tokenwise(unit):
+        return {}
+    products = _token_products([*unit_inputs(unit), *unit_outputs(unit)])
+    return {TOKEN_VAR: products.pop()} if products else {}
+
+
 def canonical(unit: OpUnit) -> dict:
     """The signature's content as a dict (see module docstring)."""
-    # Collapse to one token variable only if every tensor sees the same token count (a gather
-    # of N rows out of T tokens keeps both).
-    tokenwise = unit.kind in TOKENWISE and \
-        len(_token_products([*unit_inputs(unit), *unit_outputs(unit)])) <= 1
+    tokenwise = _tokenwise(unit)
     inputs = [d for d in (_tensor(n, tokenwise) for n in unit_inputs(unit)) if d is not None]
     outputs = [d for d in (_tensor(n, tokenwise) for n in unit_outputs(unit)) if d is not None]
     # A SymInt input only says something when its symbols appear in no tensor of the unit (the

@@ -33,7 +33,7 @@ def test_new_db_is_wal_and_versioned(tmp_path):
     with _fresh(tmp_path / "lat.db") as db:
         assert db.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         meta = dict(db.conn.execute("SELECT key, value FROM meta").fetchall())
-    assert meta == {"app": "dooly_fx latency db", "schema_version": "2"}
+    assert meta == {"app": "dooly_fx latency db", "schema_version": "3"}
 
 
 @pytest.mark.parametrize("content", [b"not a database at all\n" * 50, b"SQLite format 3\x00junk"])
@@ -182,7 +182,7 @@ def test_v1_db_is_refused_then_upgraded_in_place(tmp_path):
         LatencyDB.open(path)
     assert path.read_bytes() == before
 
-    assert upgrade(path) == (1, 2)
+    assert upgrade(path) == (1, 3)
     new_env = fingerprint({"device": "cpu"})
     with LatencyDB.open(path) as db:
         assert [e["fingerprint"] for e in db.environments()] == [new_env]
@@ -190,7 +190,8 @@ def test_v1_db_is_refused_then_upgraded_in_place(tmp_path):
         assert db.models() == [{"name": "m", "env": new_env, "engine": "padded|eager|bfloat16",
                                 "config": {}}]
         assert db.model_units("m", new_env, "padded|eager|bfloat16") == [
-            {"phase": "decode", "regime": "", "role": "q", "signature": SIG, "count": 3}]
+            {"phase": "decode", "regime": "", "role": "q", "signature": SIG, "count": 3,
+             "binding": {}}]
         assert db.conn.execute("SELECT env FROM runs").fetchone()[0] == new_env
         assert json.loads(db.conn.execute("SELECT info FROM environments").fetchone()[0]) == \
             {"device": "cpu"}

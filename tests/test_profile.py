@@ -81,6 +81,8 @@ def test_profile_cli_then_nothing_left(tmp_path):
         units = handle.model_units(config, env["fingerprint"], EngineProfile().label)
     assert {u["phase"] for u in units} == {"decode"}
     assert sum(u["count"] for u in units if u["role"].endswith("q_proj")) == 3
+    # Decode: every GEMM sees one token per sequence; so does the LM head.
+    assert {u["binding"]["m"] for u in units if u["role"].endswith("q_proj")} == {"B"}
     out = tmp_path / "plan.json"
     result = _cli("plan", config, "--db", db, "--device", "cpu", "--phase", "decode", *BOUNDS,
                   "--json", str(out))

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Step-level validation on the GPU machine (padded engine), into OUT_DIR:
+#   bash bench/validate_steps_gpu.sh OUT_DIR [STAGES]    (default: record eager fit sdpa eager-steps)
+# 1. record the validated models' units (with their token bindings) in h100.db: nothing to
+#    measure for sdpa, the profile is complete;
+# 2. profile the eager-attention units of EAGER models (every other unit is shared with sdpa);
+# 3. fit; 4. validate-steps for each model (sdpa) and each EAGER model (eager).
+set -u
+OUT_DIR=${1:?output folder}
+STAGES=" ${2:-record eager fit sdpa eager-steps} "
+DB="$OUT_DIR/h100.db"
+MODELS="llama-3.2-1b llama-3.2-3b llama-3.1-8b qwen2.5-7b phi-3-mini gemma-2-9b"
+EAGER="llama-3.2-1b llama-3.1-8b qwen2.5-7b"
+BOUNDS="--max-tokens 4096 --max-seqs 64 --max-context 4096"
+BUDGET="--warmup-ms 5 --rep-ms 20"
+export PYTHONUNBUFFERED=1
+has() { [[ "$STAGES" == *" $1 "* ]]; }
+if has record; then
+    python3 -m dooly_fx profile $MODELS --db "$DB" --device cuda $BOUNDS $BUDGET 2>&1 | tail -3
+fi
+if has eager; then
+    timeout -s INT "${EAGER_SECONDS:-150}" python3 -m dooly_fx profile $EAGER --attn eager \
+        --db "$DB" --device cuda $BOUNDS $BUDGET 2>&1 | grep -v "━" | tail -8
+fi
+if has fit; then
+    python3 -m dooly_fx fit --db "$DB" | tail -2
+fi
+if has sdpa; then
+    for model in $MODELS; do
+        timeout 90 python3 -m dooly_fx validate-steps "$model" --db "$DB" --device cuda \
+            --fidelity "prefill:4x1024;decode:32x1024" \
+            --json "$OUT_DIR/steps_${model}_sdpa.json" 2>&1 | tail -3
+    done
+fi
+if has eager-steps; then
+    for model in $EAGER; do
+        timeout 90 python3 -m dooly_fx validate-steps "$model" --attn eager --db "$DB" \
+            --device cuda --json "$OUT_DIR/steps_${model}_eager.json" 2>&1 | tail -3
+    done
+fi

@@ -1,0 +1,241 @@
+"""CLI verbs of the latency stages: fit, predict, validate-steps (see docs/cli.md)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from rich.table import Table
+
+from dooly_fx.db import LatencyDB
+from dooly_fx.engine import EngineProfile
+from dooly_fx.errors import UserError
+from dooly_fx.ui import out, progress, write_json
+
+
+def _environment(db: LatencyDB, device: str) -> dict:
+    """The DB's environment for `device`: the newest recorded one of that device type (a CPU
+    machine can predict for a GPU from a GPU-profiled DB)."""
+    kind = "cuda" if device.startswith("cuda") else "cpu"
+    envs = [e for e in db.environments() if e.get("device_type") == kind]
+    if not envs:
+        raise UserError(f"{db.path}: no {kind} environment profiled in this DB")
+    return envs[-1]
+
+
+def _engine(args: argparse.Namespace) -> EngineProfile:
+    return EngineProfile(engine=args.engine, attn_impl=args.attn, dtype=args.dtype)
+
+
+def cmd_fit(args: argparse.Namespace) -> None:
+    """Fit a latency model for every profiled signature whose fit is missing or stale; store
+    each with its k-fold held-out error. Idempotent: a second run fits nothing.
+
+        python -m dooly_fx fit --db bench/results/h100.db
+        python -m dooly_fx fit --db lat.db --json fits.json
+    """
+    from dooly_fx.predict import fit_db
+
+    with LatencyDB.open(args.db, create=False) as db:
+        envs = db.environments()
+        summaries = []
+        with progress() as bar:
+            for env in envs:
+                total = db.conn.execute("SELECT COUNT(DISTINCT signature) FROM points WHERE "
+                                        "env = ? AND status = 'ok'",
+                                        (env["fingerprint"],)).fetchone()[0]
+                task = bar.add_task(f"fit · {env['device']}", total=total)
+                summary = fit_db(db, env["fingerprint"], on_unit=lambda t=task: bar.advance(t))
+                summaries.append((env, summary))
+    table = Table(title=f"fits · {args.db}")
+    for col in ("environment", "kind", "fitted now", "methods", "median cv MAPE",
+                "worst cv MAPE"):
+        table.add_column(col, justify="left" if col in ("environment", "kind", "methods")
+                         else "right")
+    payload = []
+    for env, summary in summaries:
+        kinds: dict[str, list[dict]] = {}
+        for row in summary.fitted:
+            kinds.setdefault(row["kind"], []).append(row)
+        for kind, rows in sorted(kinds.items()):
+            errs = sorted(r["cv_mape"] for r in rows if r["cv_mape"] is not None)
+            methods = {r["method"] for r in rows}
+            table.add_row(env["device"], kind, str(len(rows)),
+                          ", ".join(f"{m}×{sum(r['method'] == m for r in rows)}"
+                                    for m in sorted(methods)),
+                          f"{errs[len(errs) // 2]:.1%}" if errs else "-",
+                          f"{errs[-1]:.1%}" if errs else "-")
+        payload.append({"environment": env["fingerprint"], "device": env["device"],
+                        "fitted": summary.fitted, "unchanged": summary.unchanged,
+                        "seconds": summary.seconds})
+        out.print(f"{env['device']}: {len(summary.fitted)} fitted, {summary.unchanged} "
+                  f"unchanged, {summary.seconds:.2f} s")
+    if any(s.fitted for _, s in summaries):
+        out.print(table)
+    if args.json:
+        write_json(args.json, {"db": str(args.db), "environments": payload})
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    """Predict one engine step of a model from a fitted latency DB, unit by unit.
+
+    A batch is comma-separated items: prefill:BxS (B sequences of S new tokens), decode:BxP
+    (B sequences, one new token, P cached), mixed:BxS+P.
+
+        python -m dooly_fx predict llama-3.1-8b --db bench/results/h100.db --device cuda \\
+            --batch prefill:2x512
+        python -m dooly_fx predict qwen2.5-7b --db lat.db --device cpu --batch decode:30x1024 \\
+            --json step.json
+    """
+    from dooly_fx.predict import load, predict_step
+    from dooly_fx.spec import resolve_model
+    from dooly_fx.validate import parse_batch
+
+    batch = parse_batch(args.batch)
+    name = resolve_model(args.model).name
+    with LatencyDB.open(args.db, create=False) as db:
+        env = _environment(db, args.device)
+        loaded = load(db, name, env["fingerprint"], _engine(args).label)
+    step = predict_step(loaded, batch, skew=args.skew)
+    table = Table(title=f"{name} · {step.phase} {step.values} · {env['device']} · "
+                        f"{loaded.engine}")
+    for col in ("unit", "kind", "count", "point", "GPU ms/call", "GPU ms", "host ms", "share"):
+        table.add_column(col, justify="left" if col in ("unit", "kind", "point") else "right")
+    for u in sorted(step.units, key=lambda u: -u.count * u.gpu_ms):
+        flag = " (extrapolated)" if u.extrapolated else ""
+        table.add_row(u.role, u.kind, str(u.count), json.dumps(u.point) + flag,
+                      f"{u.gpu_ms:.4f}", f"{u.count * u.gpu_ms:.3f}",
+                      f"{u.count * u.host_ms:.3f}",
+                      f"{u.count * u.gpu_ms / step.gpu_ms:.1%}" if step.gpu_ms else "-")
+    out.print(table)
+    bound = "GPU" if step.gpu_ms >= step.host_ms else "host"
+    out.print(f"total {step.total_ms:.3f} ms ({bound}-bound: GPU {step.gpu_ms:.3f} ms, host "
+              f"{step.host_ms:.3f} ms)")
+    if args.json:
+        write_json(args.json, {"model": name, "environment": env["fingerprint"],
+                               "device": env["device"], "batch": batch, **step.to_json()})
+
+
+def cmd_validate_steps(args: argparse.Namespace) -> None:
+    """Time real forward steps of a model (random weights) and compare with the prediction
+    from the DB: per-step error, median and p90 absolute percentage error.
+
+        python -m dooly_fx validate-steps llama-3.1-8b --db h100.db --device cuda \\
+            --json steps.json
+        python -m dooly_fx validate-steps llama-3.1-8b --db h100.db --device cuda \\
+            --steps prefill:1x512,decode:8x1024
+        python -m dooly_fx validate-steps llama-3.1-8b --db h100.db --measured steps.json
+    """
+    from dooly_fx.predict import load
+    from dooly_fx.spec import resolve_model
+    from dooly_fx.validate import STANDARD_STEPS, MeasuredStep, compare, measure_steps
+
+    spec = resolve_model(args.model)
+    engine = _engine(args)
+    with LatencyDB.open(args.db, create=False) as db:
+        env = _environment(db, args.device)
+        loaded = load(db, spec.name, env["fingerprint"], engine.label)
+    if args.measured:
+        try:
+            old = json.loads(Path(args.measured).read_text())
+            measured = [MeasuredStep(**{k: s[k] for k in MeasuredStep.__dataclass_fields__})
+                        for s in old["steps"]]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise UserError(f"{args.measured}: not a validate-steps JSON ({exc})") from None
+        measured_on = old.get("measured_on")
+    else:
+        steps = args.steps.split(";") if args.steps else list(STANDARD_STEPS)
+        device = "cuda" if args.device == "cuda" else "cpu"
+        with progress() as bar:
+            task = bar.add_task(f"steps · {spec.name}", total=len(steps))
+            measured = measure_steps(spec, engine, steps, device, reps=args.reps,
+                                     on_step=lambda: bar.advance(task))
+        measured_on = _machine(device)
+    report = compare(loaded, measured)
+    report.update(environment=env["fingerprint"], device=env["device"],
+                  measured_on=measured_on)
+    if args.fidelity:
+        from dooly_fx.validate import unit_fidelity
+
+        rows = unit_fidelity(spec, engine, loaded, args.fidelity.split(";"),
+                             "cuda" if args.device == "cuda" else "cpu")
+        errors = sorted(abs(r["error"]) for r in rows if r["error"] is not None)
+        report["fidelity"] = {"units": rows,
+                              "median_ape": errors[len(errors) // 2] if errors else None}
+        if errors:
+            out.print(f"unit fidelity (prediction vs the unit's kernels inside the step): "
+                      f"median APE {report['fidelity']['median_ape']:.1%} over {len(rows)} "
+                      "units")
+    elif args.measured and "fidelity" in old:
+        report["fidelity"] = old["fidelity"]
+    table = Table(title=f"validate-steps · {spec.name} · {engine.label} · {env['device']}")
+    for col in ("step", "phase", "measured ms", "predicted ms", "GPU ms", "host ms", "error"):
+        table.add_column(col, justify="left" if col in ("step", "phase") else "right")
+    for row in report["steps"]:
+        if row["skipped"]:
+            table.add_row(row["spec"], "-", "-", "-", "-", "-", row["skipped"])
+            continue
+        flag = " *" if row["extrapolated"] else ""
+        table.add_row(row["spec"], row["phase"], f"{row['median_ms']:.3f}",
+                      f"{row['predicted_ms']:.3f}", f"{row['gpu_ms']:.3f}",
+                      f"{row['host_ms']:.3f}", f"{row['error']:+.1%}{flag}")
+    out.print(table)
+    if report["median_ape"] is not None:
+        out.print(f"median APE {report['median_ape']:.1%} · p90 APE {report['p90_ape']:.1%}"
+                  " (* = outside the profiled range)")
+    if args.json:
+        write_json(args.json, report)
+
+
+def _machine(device: str) -> dict:
+    """What the steps were measured on: device and library versions."""
+    import torch
+    import transformers
+
+    from dooly_fx.profile import cpu_name
+
+    info = {"torch": torch.__version__, "transformers": transformers.__version__}
+    if device.startswith("cuda"):
+        info["device"] = torch.cuda.get_device_name()
+    else:
+        info["device"] = cpu_name()
+    return info
+
+
+def add_verbs(verbs, engine_args) -> None:
+    """Register this module's verbs on the main parser's subparsers."""
+    fit = verbs.add_parser("fit", help="fit latency models for profiled signatures",
+                           description=cmd_fit.__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    fit.add_argument("--db", required=True, metavar="FILE")
+    fit.add_argument("--json", metavar="FILE", help="write what was fitted as JSON")
+    fit.set_defaults(func=cmd_fit)
+
+    for name, func, text in (
+            ("predict", cmd_predict, "predict one engine step from the DB"),
+            ("validate-steps", cmd_validate_steps, "time real steps and compare with predict")):
+        verb = verbs.add_parser(name, help=text, description=func.__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+        verb.add_argument("model", metavar="MODEL")
+        verb.add_argument("--db", required=True, metavar="FILE")
+        verb.add_argument("--device", default="cuda", choices=("cpu", "cuda"),
+                          help="which of the DB's environments (and where to measure)")
+        engine_args(verb)
+        verb.add_argument("--json", metavar="FILE")
+        if name == "predict":
+            verb.add_argument("--batch", required=True,
+                              help="e.g. prefill:2x512 or decode:30x1024 or mixed:2x256+1024")
+            verb.add_argument("--skew", type=float, default=0.0,
+                              help="MoE routing skew (Zipf exponent; 0 = uniform)")
+        else:
+            verb.add_argument("--steps", metavar="SPECS",
+                              help="';'-separated batch specs (default: a standard set)")
+            verb.add_argument("--reps", type=int, default=10, help="timed repetitions per step")
+            verb.add_argument("--fidelity", metavar="SPECS",
+                              help="';'-separated steps at which to compare each leaf unit's "
+                                   "prediction with its kernels' time inside the real step")
+            verb.add_argument("--measured", metavar="FILE",
+                              help="re-predict the steps of an earlier validate-steps JSON "
+                                   "instead of measuring")
+        verb.set_defaults(func=func)

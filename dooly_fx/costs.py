@@ -1,0 +1,120 @@
+"""FLOPs and bytes of one call of a unit, from its canonical signature and a sweep point.
+
+They are the roofline features of the latency fits and the estimates of `plan`. Everything is
+read from the signature's canonical JSON (kind, input/output dtypes and dims), so a DB alone,
+with no captured graph, is enough. One small formula per kind, registered by decorator:
+
+    cost({"kind": "gemm", "inputs": [["bfloat16", ["m", 4096]], ["bfloat16", [1024, 4096]]],
+          "outputs": [["bfloat16", ["m", 1024]]]}, {"m": 8})
+    -> (2·8·1024·4096 FLOPs, bytes of x, W and the output once)
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from functools import cache
+
+import sympy
+import torch
+
+Point = dict[str, float]
+Tensor = tuple[str, list[int]]
+"""(dtype name, concrete shape)."""
+CostFn = Callable[[list[Tensor], list[Tensor], dict, Point], float]
+FLOPS: dict[str, CostFn] = {}
+
+
+def register_flops(*kinds: str) -> Callable[[CostFn], CostFn]:
+    """Register the FLOP formula of unit kinds; a kind registered twice is a programming error."""
+    def deco(fn: CostFn) -> CostFn:
+        for kind in kinds:
+            if kind in FLOPS:
+                raise ValueError(f"FLOP formula for {kind!r} registered twice")
+            FLOPS[kind] = fn
+        return fn
+    return deco
+
+
+_FUNCTIONS = {"floor": sympy.floor, "ceiling": sympy.ceiling, "Max": sympy.Max,
+              "Min": sympy.Min, "Mod": sympy.Mod}
+
+
+@cache
+def _dim_fn(text: str) -> tuple[Callable[..., float], tuple[str, ...]]:
+    symbols = {n: sympy.Symbol(n) for n in re.findall(r"[A-Za-z_]\w*", text)
+               if n not in _FUNCTIONS}
+    expr = sympy.sympify(text, locals={**symbols, **_FUNCTIONS})  # `S` is a symbol here
+    names = tuple(sorted(str(s) for s in expr.free_symbols))
+    return sympy.lambdify(names, expr, modules="math"), names
+
+
+def dim_value(dim: int | str, point: Point) -> int:
+    """A canonical dim at a point: an int as it is, an expression (`"P + 1"`) evaluated with
+    the point's variables (a variable the point does not give is 1)."""
+    if isinstance(dim, int):
+        return dim
+    fn, names = _dim_fn(dim)
+    return int(fn(*(point.get(n, 1) for n in names)))
+
+
+@cache
+def itemsize(dtype: str) -> int:
+    return torch.empty((), dtype=getattr(torch, dtype)).element_size()
+
+
+def tensors(descs: list, point: Point) -> list[Tensor]:
+    """Concrete (dtype, shape) of canonical tensor descriptions (SymInt entries dropped)."""
+    return [(dtype, [dim_value(d, point) for d in dims]) for dtype, dims in descs
+            if dtype != "symint"]
+
+
+def cost(canonical: dict, point: Point) -> tuple[float, float]:
+    """(FLOPs, bytes) of one call of the unit at `point`; bytes count every input and output
+    tensor once (what a roofline-bound kernel must move)."""
+    ins, outs = tensors(canonical.get("inputs", []), point), \
+        tensors(canonical.get("outputs", []), point)
+    moved = sum(math.prod(shape) * itemsize(dtype) for dtype, shape in [*ins, *outs])
+    flops = FLOPS.get(canonical.get("kind", ""), _elementwise)(ins, outs, canonical, point)
+    return float(flops), float(moved)
+
+
+def _elementwise(ins: list[Tensor], outs: list[Tensor], canonical: dict, point: Point) -> float:
+    """One FLOP per output element per op."""
+    return sum(math.prod(s) for _, s in outs) * max(1, len(canonical.get("ops", [])))
+
+
+@register_flops("gemm", "lm_head")
+def _gemm(ins: list[Tensor], outs: list[Tensor], canonical: dict, point: Point) -> float:
+    """2·M·N·K for `x (M, K) @ W (N, K)^T`, W the input whose dims are all config values."""
+    weight = next((dims for dtype, dims in canonical.get("inputs", [])
+                   if len(dims) == 2 and all(isinstance(d, int) for d in dims)), None)
+    if weight is None or not outs:
+        return _elementwise(ins, outs, canonical, point)
+    n, k = weight
+    m = math.prod(outs[0][1]) // n
+    return 2.0 * m * n * k
+
+
+@register_flops("attention", "paged_attention")
+def _attention(ins: list[Tensor], outs: list[Tensor], canonical: dict, point: Point) -> float:
+    """4·|q|·Skv (QK^T and PV over every query element): |q| = tokens·heads·head_dim of the
+    first input (the query, however laid out), Skv = P + S keys per sequence (padded) or
+    P + T/N (flattened); causal masking is a constant factor the fit absorbs."""
+    if not ins:
+        return 0.0
+    new = point.get("S", point.get("T", 1) / max(1, point.get("N", 1)))
+    return 4.0 * math.prod(ins[0][1]) * (point.get("P", 0) + new)
+
+
+@register_flops("moe_experts")
+def _moe(ins: list[Tensor], outs: list[Tensor], canonical: dict, point: Point) -> float:
+    """2·T·k·(|up| + |down|)/E: each token runs its k experts' up and down projections."""
+    experts = [s for d, s in ins if len(s) == 3 and d != "int64"]
+    routes = next((s for d, s in ins if d == "int64" and len(s) == 2), None)
+    if len(experts) < 2 or routes is None:
+        return _elementwise(ins, outs, canonical, point)
+    tokens, k = routes
+    per_expert = sum(math.prod(s[1:]) for s in experts[:2])
+    return 2.0 * tokens * k * per_expert

@@ -1,0 +1,281 @@
+"""Stages 9–10 glue: fit every profiled unit of a DB, load a model's units, predict a step.
+
+    fit_db(db, env) -> FitSummary             fit what is stale or missing (idempotent)
+    load(db, model, env, engine) -> Loaded    a model's units and their fitted latencies
+    predict_step(loaded, batch) -> Step       Σ count × unit latency at the batch's point
+
+A batch is a list of (new tokens, cached tokens) per sequence. The padded engine runs it as
+`input_ids[B, S]` over a cache of P tokens per sequence: B = len(batch), S = max new,
+P = max cached (shorter sequences are padded). The flattened engine sees T = Σ new tokens over
+N sequences. Each unit's point comes from these values; a token-wise unit's `m` from its
+recorded binding (`{"m": "B*S"}`, or `{"m": "B"}` for an LM head that keeps one token).
+
+Host and device overlap: transformers issues kernels asynchronously, so a step whose kernels
+take longer on the GPU than the host needs to issue them is GPU-bound, and one whose Python and
+dispatch cost dominate is host-bound. Layers repeat, so after the first the issue queue is in
+a steady state and the step takes max(Σ host, Σ GPU) (see docs/predict.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from dooly_fx.costs import cost, dim_value
+from dooly_fx.db import LatencyDB
+from dooly_fx.errors import UserError
+from dooly_fx.fit import LatencyModel, fit_unit
+from dooly_fx.sweep import request_vars
+
+FIT_VERSION = 1
+"""Bumped when the fitting changes, so stale fits are redone."""
+DEFAULT_SKEW = 0.0
+"""MoE routing skew assumed when predicting (0: every expert gets the same share)."""
+
+Batch = Sequence[tuple[int, int]]
+
+
+# --- fit -----------------------------------------------------------------------------------------
+
+
+def unit_vars(canonical: dict) -> list[str]:
+    """The variables a unit's latency is fitted over: its request variables, plus the routing
+    skew of MoE experts (a sweep dimension)."""
+    names = request_vars(canonical)
+    return [*names, "skew"] if canonical.get("kind") == "moe_experts" else names
+
+
+def features(canonical: dict, points: Sequence[dict]) -> tuple[np.ndarray, np.ndarray,
+                                                                np.ndarray]:
+    """(X, FLOPs, bytes) of a unit at its points: X is (n, d) over `unit_vars(canonical)`."""
+    names = unit_vars(canonical)
+    X = np.array([[float(p.get(n, 0.0)) for n in names] for p in points]).reshape(len(points),
+                                                                                   len(names))
+    fb = np.array([cost(canonical, p) for p in points], dtype=float).reshape(len(points), 2)
+    return X, fb[:, 0], fb[:, 1]
+
+
+def _digest(rows: Sequence[tuple[dict, float]]) -> str:
+    text = json.dumps([FIT_VERSION, rows], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclass
+class FitSummary:
+    fitted: list[dict] = field(default_factory=list)
+    """One row per signature fitted now: key, kind, method, cv_mape, n_points."""
+    unchanged: int = 0
+    seconds: float = 0.0
+
+
+def fit_db(db: LatencyDB, env: str, on_unit: Callable[[], None] | None = None) -> FitSummary:
+    """Fit every signature with measured points in `env` whose fit is missing or stale (its
+    points or the fitting changed since); store each with its held-out error. Idempotent."""
+    started = time.perf_counter()
+    existing = db.fits(env)
+    keys = [r[0] for r in db.conn.execute(
+        "SELECT DISTINCT signature FROM points WHERE env = ? AND status = 'ok' "
+        "ORDER BY signature", (env,))]
+    summary, rows = FitSummary(), []
+    for key in keys:
+        points = db.ok_points(env, key)
+        host = [r[0] for r in db.conn.execute(
+            "SELECT host_ms FROM points WHERE env = ? AND signature = ? AND status = 'ok' "
+            "AND host_ms IS NOT NULL", (env, key))]
+        digest = _digest(points)
+        if existing.get(key, {}).get("points_digest") == digest:
+            summary.unchanged += 1
+        else:
+            sig = db.signature(key)
+            X, flops, moved = features(sig["canonical"], [p for p, _ in points])
+            model = fit_unit(sig["kind"], unit_vars(sig["canonical"]), X, flops, moved,
+                             np.array([ms for _, ms in points]))
+            payload = {"gpu": model.to_json(),
+                       "host_ms": float(np.median(host)) if host else 0.0}
+            rows.append((key, model.method, payload, model.cv_mape, len(points), digest))
+            summary.fitted.append({"signature": key, "kind": sig["kind"],
+                                   "method": model.method, "cv_mape": model.cv_mape,
+                                   "n_points": len(points)})
+        if on_unit:
+            on_unit()
+    if rows:
+        db.save_fits(env, rows)
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+# --- load ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Use:
+    """One unit of a model in one phase: `count` calls per step."""
+
+    role: str
+    signature: str
+    count: int
+    binding: dict
+
+
+@dataclass
+class UnitFit:
+    kind: str
+    canonical: dict
+    names: list[str]
+    gpu: LatencyModel
+    host_ms: float
+    cv_mape: float | None
+
+
+@dataclass
+class Loaded:
+    """A model's units per (phase, regime) and the fitted latency of each signature."""
+
+    model: str
+    engine: str
+    env: str
+    config: dict
+    uses: dict[tuple[str, str], list[Use]]
+    fits: dict[str, UnitFit]
+    missing: list[str]
+    """Signatures of the model with no fit in this environment (not profiled)."""
+
+    @property
+    def window(self) -> int | None:
+        types = self.config.get("layer_types") or ()
+        window = self.config.get("sliding_window")
+        return int(window) if window and (not types or "sliding_attention" in types) else None
+
+
+def load(db: LatencyDB, model: str, env: str, engine: str) -> Loaded:
+    """A model's recorded units under `engine` in `env`, with the fits of their signatures
+    (run `fit_db` first). A model that was never profiled there is a UserError."""
+    rows = db.model_units(model, env, engine)
+    if not rows:
+        known = sorted({m["name"] for m in db.models(env)})
+        raise UserError(f"{model}: not profiled in this environment under engine {engine} "
+                        f"(profiled: {', '.join(known) or 'none'})")
+    config = next(m["config"] for m in db.models(env, engine) if m["name"] == model)
+    uses: dict[tuple[str, str], list[Use]] = {}
+    for r in rows:
+        uses.setdefault((r["phase"], r["regime"]), []).append(
+            Use(r["role"], r["signature"], r["count"], r["binding"]))
+    stored = db.fits(env)
+    fits, missing = {}, []
+    for key in sorted({r["signature"] for r in rows}):
+        if key not in stored:
+            missing.append(key)
+            continue
+        sig = db.signature(key)
+        model_json = stored[key]["model"]
+        fits[key] = UnitFit(sig["kind"], sig["canonical"], unit_vars(sig["canonical"]),
+                            LatencyModel.from_json(model_json["gpu"]), model_json["host_ms"],
+                            stored[key]["cv_mape"])
+    return Loaded(model, engine, env, config, uses, fits, missing)
+
+
+# --- predict -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UnitStep:
+    role: str
+    kind: str
+    signature: str
+    count: int
+    point: dict
+    gpu_ms: float
+    """Per call."""
+    host_ms: float
+    extrapolated: bool
+
+
+@dataclass
+class Step:
+    phase: str
+    regime: str
+    values: dict
+    units: list[UnitStep]
+    gpu_ms: float
+    host_ms: float
+
+    @property
+    def total_ms(self) -> float:
+        """Host issue and GPU execution overlap: the slower of the two streams."""
+        return max(self.gpu_ms, self.host_ms)
+
+    def to_json(self) -> dict:
+        return {"phase": self.phase, "regime": self.regime, "values": self.values,
+                "total_ms": self.total_ms, "gpu_ms": self.gpu_ms, "host_ms": self.host_ms,
+                "units": [vars(u) for u in self.units]}
+
+
+def batch_values(batch: Batch, engine: str) -> tuple[str, dict[str, int]]:
+    """The phase of a batch and its request values (B, S, P padded; T, N flattened)."""
+    if not batch or any(q < 1 or c < 0 for q, c in batch):
+        raise UserError("a batch needs at least one sequence, each with >= 1 new token and "
+                        ">= 0 cached tokens")
+    new, cached = [q for q, _ in batch], [c for _, c in batch]
+    if max(cached) == 0:
+        phase = "prefill"
+    elif max(new) == 1:
+        phase = "decode"
+    else:
+        phase = "mixed"
+    if engine.startswith("paged"):
+        return phase, {"T": sum(new), "N": len(batch), "P": max(cached)}
+    return phase, {"B": len(batch), "S": 1 if phase == "decode" else max(new), "P": max(cached)}
+
+
+def _regime(loaded: Loaded, phase: str, values: dict) -> str:
+    if not any(regime for p, regime in loaded.uses if p == phase):
+        return ""
+    window = loaded.window or 0
+    reach = values.get("S", 1) if phase == "prefill" else values.get("P", 0)
+    return "window>=" if reach >= window else "window<"
+
+
+def unit_point(fit: UnitFit, use: Use, values: dict, skew: float) -> dict:
+    """A unit's point in a step: its request variables from the step's values, `m` from the
+    unit's binding (all new tokens when none was recorded)."""
+    point: dict = {}
+    for name in fit.names:
+        if name == "m":
+            expr = use.binding.get("m")
+            point["m"] = dim_value(expr, values) if expr else \
+                values.get("T", values.get("B", 1) * values.get("S", 1))
+        elif name == "skew":
+            point["skew"] = skew
+        else:
+            point[name] = values.get(name, 1)
+    return point
+
+
+def predict_step(loaded: Loaded, batch: Batch, skew: float = DEFAULT_SKEW) -> Step:
+    """Predicted time of one engine step running `batch` ((new, cached) per sequence)."""
+    phase, values = batch_values(batch, loaded.engine)
+    regime = _regime(loaded, phase, values)
+    uses = loaded.uses.get((phase, regime))
+    if uses is None:
+        raise UserError(f"{loaded.model}: no {phase} units recorded"
+                        f"{f' for regime {regime}' if regime else ''}; profile that phase")
+    if loaded.missing:
+        raise UserError(f"{loaded.model}: {len(loaded.missing)} signatures have no fit in this "
+                        "environment; run `python -m dooly_fx fit` (and profile them first)")
+    units, gpu, host = [], 0.0, 0.0
+    for use in uses:
+        fit = loaded.fits[use.signature]
+        point = unit_point(fit, use, values, skew)
+        flops, moved = cost(fit.canonical, point)
+        x = [point[n] for n in fit.names]
+        ms = fit.gpu.predict(x, flops, moved)
+        units.append(UnitStep(use.role, fit.kind, use.signature, use.count, point, ms,
+                              fit.host_ms, not fit.gpu.in_range(x)))
+        gpu += use.count * ms
+        host += use.count * fit.host_ms
+    return Step(phase, regime, values, units, gpu, host)

@@ -1,0 +1,281 @@
+"""Step-level validation: time real forward steps of a model, compare with `predict_step`.
+
+    parse_batch("prefill:2x512,decode:30x1024") -> [(512, 0), (512, 0), (1, 1024), ...]
+    measure_steps(spec, engine, batches, device) -> [MeasuredStep]   GPU (or CPU) side only
+    compare(loaded, measured) -> report dict                           CPU side only
+
+The real step is what the padded engine runs: `model(input_ids[B, S], past_key_values=cache,
+logits_to_keep=1)` on a transformers model built from the config with random weights, where
+the cache is a fresh `DynamicCache` holding P random tokens per sequence and layer (made with
+transformers' own cache code, so sliding layers keep their window). Each step is timed on a
+fresh cache: warm-up, then CUDA events around the forward from an idle GPU (so host-bound
+steps count their issue time), the median of `reps`.
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+import re
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from dooly_fx.engine import EngineProfile
+from dooly_fx.errors import UserError
+from dooly_fx.spec import ModelSpec
+
+_ITEM = re.compile(r"^(?:(prefill|decode|mixed):)?(\d+)x(\d+)(?:\+(\d+))?$")
+
+STANDARD_STEPS = (
+    "prefill:1x128", "prefill:1x512", "prefill:1x2048", "prefill:4x256", "prefill:4x1024",
+    "prefill:8x512", "decode:1x512", "decode:1x2048", "decode:8x512", "decode:8x2048",
+    "decode:32x1024", "decode:64x512", "decode:64x2048", "mixed:1x256+1024",
+    "mixed:4x128+2048", "mixed:2x512+512",
+)
+"""Batch compositions validated by default: prefill, decode at several sizes and cached
+lengths, and mixed (chunked-prefill) steps, within the default profile bounds."""
+
+
+def parse_batch(text: str) -> list[tuple[int, int]]:
+    """A batch spec to (new, cached) per sequence. Items, comma-separated, concatenate:
+    `prefill:BxS` (B sequences of S new tokens), `decode:BxP` (B sequences, 1 new token,
+    P cached), `mixed:BxS+P` or plain `BxS+P` (S new on top of P cached)."""
+    batch: list[tuple[int, int]] = []
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        match = _ITEM.match(item)
+        if not match:
+            raise UserError(f"bad batch item '{item}': expected prefill:BxS, decode:BxP or "
+                            "mixed:BxS+P")
+        phase, b, n, cached = match.group(1), int(match.group(2)), int(match.group(3)), \
+            match.group(4)
+        if b < 1 or n < 1:
+            raise UserError(f"bad batch item '{item}': counts must be >= 1")
+        if phase == "decode":
+            if cached is not None:
+                raise UserError(f"bad batch item '{item}': decode:BxP takes no +")
+            batch += [(1, n)] * b
+        elif phase == "prefill" and cached is not None:
+            raise UserError(f"bad batch item '{item}': prefill:BxS has no cached tokens")
+        else:
+            batch += [(n, int(cached or 0))] * b
+    if not batch:
+        raise UserError("empty batch spec")
+    return batch
+
+
+@dataclass
+class MeasuredStep:
+    spec: str
+    batch: list[tuple[int, int]]
+    median_ms: float
+    min_ms: float
+    max_ms: float
+    reps: int
+    skipped: str | None = None
+
+
+def build_model(spec: ModelSpec, engine: EngineProfile, device: str) -> torch.nn.Module:
+    """The transformers model of `spec` with random weights, in the engine's dtype and
+    attention implementation, on `device`."""
+    from transformers import AutoModelForCausalLM
+
+    from dooly_fx.capture import _has_experts
+
+    config = spec.config.__class__.from_dict(spec.config.to_dict())
+    config._attn_implementation = engine.attn_impl
+    if _has_experts(config):
+        config._experts_implementation = engine.experts_impl
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=engine.torch_dtype)
+    return model.eval()
+
+
+def _cache(model, batch: list[tuple[int, int]], device: str, dtype: torch.dtype,
+           base: dict) -> object:
+    """A fresh DynamicCache holding P random tokens per sequence (the same tensors each time:
+    transformers' first `update` keeps them, later updates make new tensors)."""
+    from transformers import DynamicCache
+
+    cached = max(c for _, c in batch)
+    cache = DynamicCache(config=model.config)
+    if cached == 0:
+        return cache
+    config = model.config
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or \
+        config.hidden_size // config.num_attention_heads
+    shape = (len(batch), kv_heads, cached, head_dim)
+    if base.get("shape") != shape:
+        base.clear()
+        base["shape"] = shape
+        base["k"] = torch.randn(shape, device=device, dtype=dtype) * 0.02
+        base["v"] = torch.randn(shape, device=device, dtype=dtype) * 0.02
+    for layer in range(config.num_hidden_layers):
+        cache.update(base["k"], base["v"], layer)
+    return cache
+
+
+def _timer(device: str) -> Callable[[Callable[[], object]], float]:
+    if not device.startswith("cuda"):
+        def cpu(fn: Callable[[], object]) -> float:
+            start = time.perf_counter()
+            fn()
+            return (time.perf_counter() - start) * 1e3
+        return cpu
+
+    def cuda(fn: Callable[[], object]) -> float:
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    return cuda
+
+
+def measure_steps(spec: ModelSpec, engine: EngineProfile, steps: Sequence[str], device: str,
+                  warmup: int = 3, reps: int = 10,
+                  on_step: Callable[[], None] | None = None) -> list[MeasuredStep]:
+    """Time each batch spec's real forward step; a step that runs out of memory is recorded
+    as skipped."""
+    if engine.engine != "padded":
+        raise UserError("validate-steps times the padded engine; paged steps are validated "
+                        "through the serving engine (validate-serving)")
+    model = build_model(spec, engine, device)
+    timer, base, out = _timer(device), {}, []
+    vocab = model.config.vocab_size
+    for text in steps:
+        batch = parse_batch(text)
+        if len({c for _, c in batch}) > 1 or len({q for q, _ in batch}) > 1:
+            raise UserError(f"{text}: the padded engine runs equal-length sequences; give one "
+                            "item per step")
+        b, s = len(batch), batch[0][0]
+        try:
+            ids = torch.randint(0, vocab, (b, s), device=device)
+            times = []
+            gc.collect()
+            gc.disable()  # a collection inside a timed step would be noise, not the engine
+            with torch.inference_mode():
+                for i in range(warmup + reps):
+                    cache = _cache(model, batch, device, engine.torch_dtype, base)
+                    elapsed = timer(functools.partial(model, input_ids=ids, use_cache=True,
+                                                      past_key_values=cache, logits_to_keep=1))
+                    if i >= warmup:
+                        times.append(elapsed)
+                    del cache
+            out.append(MeasuredStep(text, batch, statistics.median(times), min(times),
+                                    max(times), reps))
+        except torch.cuda.OutOfMemoryError:
+            out.append(MeasuredStep(text, batch, float("nan"), float("nan"), float("nan"), 0,
+                                    skipped="out of memory"))
+        finally:
+            gc.enable()
+            base.clear()
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
+        if on_step:
+            on_step()
+    return out
+
+
+LEAF_KINDS = ("gemm", "lm_head", "norm", "embedding", "moe_experts")
+"""Unit kinds that are one leaf module of the model: their kernels can be attributed to the
+unit inside a real step by a profiler range around the module."""
+
+
+def unit_fidelity(spec: ModelSpec, engine: EngineProfile, loaded, steps: Sequence[str],
+                  device: str = "cuda") -> list[dict]:
+    """Microbenchmark fidelity: per unit, the predicted GPU time of one call against the time
+    of the same module's kernels inside the real step (torch.profiler ranges around each leaf
+    module of a `LEAF_KINDS` unit; kernel time per call, averaged over the module's calls)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from dooly_fx.predict import predict_step
+
+    model = build_model(spec, engine, device)
+    modules = dict(model.named_modules())
+    rows, base = [], {}
+    ranges: dict[str, object] = {}  # module name -> its open profiler range
+    for text in steps:
+        batch = parse_batch(text)
+        step = predict_step(loaded, batch)
+        wanted = {u.role: u for u in step.units if u.kind in LEAF_KINDS}
+        hooks = []
+        for name, module in modules.items():
+            role = _role(name)
+            if role in wanted:
+                def enter(mod, args, role=role, name=name):
+                    ranges[name] = record_function(f"dooly:{role}")
+                    ranges[name].__enter__()
+
+                def leave(mod, args, output, name=name):
+                    ranges.pop(name).__exit__(None, None, None)
+                hooks += [module.register_forward_pre_hook(enter),
+                          module.register_forward_hook(leave)]
+        ids = torch.randint(0, model.config.vocab_size, (len(batch), batch[0][0]), device=device)
+        try:
+            with torch.inference_mode():
+                for _ in range(2):  # warm-up
+                    model(input_ids=ids, past_key_values=_cache(model, batch, device,
+                                                                 engine.torch_dtype, base),
+                          use_cache=True, logits_to_keep=1)
+                cache = _cache(model, batch, device, engine.torch_dtype, base)
+                activities = [ProfilerActivity.CPU]
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                    activities.append(ProfilerActivity.CUDA)
+                with profile(activities=activities) as prof:
+                    model(input_ids=ids, past_key_values=cache, use_cache=True,
+                          logits_to_keep=1)
+                    if device.startswith("cuda"):
+                        torch.cuda.synchronize()
+        finally:
+            for hook in hooks:
+                hook.remove()
+            base.clear()
+        for event in prof.key_averages():
+            if not event.key.startswith("dooly:"):
+                continue
+            unit = wanted[event.key.removeprefix("dooly:")]
+            total = event.device_time_total if device.startswith("cuda") else \
+                event.cpu_time_total
+            measured = total / 1e3 / max(1, event.count)
+            rows.append({"step": text, "role": unit.role, "kind": unit.kind,
+                         "calls": event.count, "in_step_ms": measured,
+                         "predicted_ms": unit.gpu_ms,
+                         "error": (unit.gpu_ms - measured) / measured if measured else None})
+    return rows
+
+
+def _role(module_name: str) -> str:
+    """`model.layers.3.mlp.down_proj` -> `model.layers.*.mlp.down_proj` (unit roles)."""
+    return re.sub(r"\.\d+(?=\.|$)", ".*", module_name)
+
+
+def compare(loaded, measured: Sequence[MeasuredStep]) -> dict:
+    """Per-step prediction error of `loaded` (a `predict.Loaded`) against measured steps;
+    median and p90 absolute percentage error over the steps that ran."""
+    from dooly_fx.predict import predict_step
+
+    rows, errors = [], []
+    for m in measured:
+        row = asdict(m)
+        if m.skipped is None:
+            step = predict_step(loaded, m.batch)
+            error = (step.total_ms - m.median_ms) / m.median_ms
+            errors.append(abs(error))
+            row.update(phase=step.phase, predicted_ms=step.total_ms, gpu_ms=step.gpu_ms,
+                       host_ms=step.host_ms, error=error,
+                       extrapolated=any(u.extrapolated for u in step.units))
+        rows.append(row)
+    return {
+        "model": loaded.model, "engine": loaded.engine, "steps": rows,
+        "median_ape": float(np.median(errors)) if errors else None,
+        "p90_ape": float(np.percentile(errors, 90)) if errors else None,
+    }
