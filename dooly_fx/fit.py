@@ -76,11 +76,23 @@ class LatencyModel:
     _ulo: list[float] = field(init=False, repr=False, compare=False)
     _uhi: list[float] = field(init=False, repr=False, compare=False)
     _axes: list[list[float]] = field(init=False, repr=False, compare=False)
+    _table: list[float] = field(init=False, repr=False, compare=False)
+    _terms: list[tuple[float, list[tuple[int, int]]]] = field(init=False, repr=False,
+                                                             compare=False)
+    _base: tuple[float, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        """Unpack the JSON-shaped fields into what `predict` reads (plain floats and lists)."""
         self._ulo = [math.log1p(v) for v in self.lo]
         self._uhi = [math.log1p(v) for v in self.hi]
         self._axes = [[math.log1p(v) for v in axis] for axis in self.params.get("axes", [])]
+        self._table = [float(v) for v in self.params.get("table", [])]
+        self._terms = [(float(c), [(j, p) for j, p in enumerate(powers) if p])
+                       for powers, c in zip(self.params.get("powers", []),
+                                            self.params.get("coef", []), strict=True)]
+        roof = self.roofline
+        self._base = (*map(float, roof["coef"]), float(roof["intensity"]),
+                      float(roof["floor_ms"]))
 
     # --- JSON ----------------------------------------------------------------------------------
 
@@ -119,11 +131,11 @@ class LatencyModel:
                 bytes_: float) -> float:
         """Latency (ms, > 0) of one call at request values `x` with the given roofline features.
         Outside the profiled range the correction is held at the boundary (see `in_range`)."""
-        c0, c1, c2, c3 = self.roofline["coef"]
+        c0, c1, c2, c3, r, floor = self._base
         base = c0 + c1 * flops + c2 * bytes_
         if c3:
-            base += c3 * max(flops, self.roofline["intensity"] * bytes_)
-        base = max(base, self.roofline["floor_ms"])
+            base += c3 * max(flops, r * bytes_)
+        base = max(base, floor)
         if self.method in ("constant", "roofline"):
             return base
         u = [min(max(math.log1p(max(v, 0.0)), lo), hi)
@@ -132,28 +144,28 @@ class LatencyModel:
             z = [(v - lo) / (hi - lo) if hi > lo else 0.0
                  for v, lo, hi in zip(u, self._ulo, self._uhi, strict=True)]
             g = 0.0
-            for powers, coef in zip(self.params["powers"], self.params["coef"], strict=True):
-                term = coef
-                for zj, p in zip(z, powers, strict=True):
-                    if p:
-                        term *= zj ** p
-                g += term
+            for coef, factors in self._terms:
+                for j, p in factors:
+                    coef *= z[j] ** p
+                g += coef
             return base * math.exp(g)
-        corners = [(0, 1.0)]  # (flat index, weight)
+        table = self._table
+        if len(u) == 1 and len(self._axes[0]) > 1:  # the common case, without corner lists
+            axis, v = self._axes[0], u[0]
+            i = min(max(bisect.bisect_right(axis, v) - 1, 0), len(axis) - 2)
+            w = (v - axis[i]) / (axis[i + 1] - axis[i])
+            return base * math.exp(table[i] * (1.0 - w) + table[i + 1] * w)
+        corners = [(0, 1.0)]  # (flat index into the table, weight)
         for axis, v in zip(self._axes, u, strict=True):
-            stride_corners = []
-            if len(axis) == 1:
-                i, w = 0, 0.0
-            else:
-                i = min(max(bisect.bisect_right(axis, v) - 1, 0), len(axis) - 2)
-                w = (v - axis[i]) / (axis[i + 1] - axis[i])
-            for flat, weight in corners:
-                stride_corners.append((flat * len(axis) + i, weight * (1.0 - w)))
-                if w:
-                    stride_corners.append((flat * len(axis) + i + 1, weight * w))
-            corners = stride_corners
-        table = self.params["table"]
-        return base * math.exp(sum(table[k] * w for k, w in corners))
+            size = len(axis)
+            if size == 1:
+                corners = [(k * size, wt) for k, wt in corners]
+                continue
+            i = min(max(bisect.bisect_right(axis, v) - 1, 0), size - 2)
+            w = (v - axis[i]) / (axis[i + 1] - axis[i])
+            corners = [c for k, wt in corners
+                       for c in ((k * size + i, wt * (1.0 - w)), (k * size + i + 1, wt * w))]
+        return base * math.exp(sum(table[k] * wt for k, wt in corners))
 
     def predict_many(self, X: np.ndarray, flops: np.ndarray, bytes_: np.ndarray) -> np.ndarray:
         """`predict` for each row of X (n, d) with its features (n,); returns (n,) ms."""
@@ -236,24 +248,31 @@ def _fit_poly(U: np.ndarray, t: np.ndarray, ulo: np.ndarray, uhi: np.ndarray) ->
 
 
 def _fit_interp(X: np.ndarray, t: np.ndarray) -> dict | None:
-    """Mean log residual per cell of the grid of profiled values; cells never measured (e.g.
-    infeasible corners) take the value of the nearest measured cell in grid steps."""
+    """Mean log residual per cell of the grid of profiled values. Cells never measured (an
+    infeasible corner, or a point held out) are filled harmonically: each equals the mean of its
+    grid neighbours, which in 1-D is linear interpolation between the measured cells."""
+    from scipy.sparse import coo_matrix, diags
+    from scipy.sparse.linalg import spsolve
+
     axes = [np.unique(X[:, j]) for j in range(X.shape[1])]
     shape = tuple(len(a) for a in axes)
     cells = math.prod(shape)
     if cells > MAX_GRID_CELLS:
         return None
-    idx = [np.searchsorted(a, X[:, j]) for j, a in enumerate(axes)]
-    flat = np.ravel_multi_index(idx, shape)
+    flat = np.ravel_multi_index([np.searchsorted(a, X[:, j]) for j, a in enumerate(axes)], shape)
     counts = np.bincount(flat, minlength=cells)
     table = np.bincount(flat, weights=t, minlength=cells) / np.maximum(counts, 1)
-    missing = np.flatnonzero(counts == 0)
-    if missing.size:
-        have = np.flatnonzero(counts > 0)
-        grid = np.stack(np.unravel_index(np.arange(cells), shape), axis=1).astype(float)
-        for chunk in np.array_split(missing, max(1, missing.size // 2048)):
-            d2 = ((grid[chunk, None, :] - grid[None, have, :]) ** 2).sum(axis=2)
-            table[chunk] = table[have[d2.argmin(axis=1)]]
+    missing = counts == 0
+    if missing.any():
+        ids = np.arange(cells).reshape(shape)
+        edges = np.concatenate([np.stack([np.delete(ids, -1, axis=j).ravel(),
+                                          np.delete(ids, 0, axis=j).ravel()], axis=1)
+                                for j in range(len(shape)) if shape[j] > 1])
+        rows, cols = np.concatenate([edges, edges[:, ::-1]]).T
+        adjacency = coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(cells, cells)).tocsr()
+        laplacian = (diags(np.asarray(adjacency.sum(axis=1)).ravel()) - adjacency).tocsr()
+        known = laplacian[missing][:, ~missing] @ table[~missing]
+        table[missing] = np.atleast_1d(spsolve(laplacian[missing][:, missing].tocsc(), -known))
     return {"axes": [a.tolist() for a in axes], "table": table.tolist()}
 
 

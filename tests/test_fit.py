@@ -75,6 +75,22 @@ def test_interp_reproduces_measured_points_1d_and_2d_with_missing_corner():
     np.testing.assert_allclose(got, y2, rtol=1e-12)
 
 
+def test_interp_fills_unmeasured_cells_with_the_mean_of_their_neighbours():
+    X = attention_grid(max_tokens=2048)
+    f, b = attention_features(X)
+    model = fit_unit("attention", ["B", "S"], X, f, b, attention_latency(X), methods=("interp",))
+    axes = model.params["axes"]
+    table = np.array(model.params["table"]).reshape(len(axes[0]), len(axes[1]))
+    measured = {(axes[0].index(bb), axes[1].index(ss)) for bb, ss in X}
+    holes = [(i, j) for i in range(len(axes[0])) for j in range(len(axes[1]))
+             if (i, j) not in measured]
+    assert len(holes) > 5
+    for i, j in holes:
+        near = [table[a, c] for a, c in ((i - 1, j), (i + 1, j), (i, j - 1), (i, j + 1))
+                if 0 <= a < len(axes[0]) and 0 <= c < len(axes[1])]
+        assert table[i, j] == pytest.approx(np.mean(near), rel=1e-9, abs=1e-12)
+
+
 def test_interp_blends_log_residuals_linearly_in_log1p_between_grid_values():
     flops, bytes_ = gemm_features(TOKENS)
     y = wavy_gemm(TOKENS)
