@@ -209,6 +209,10 @@ def test_constant_unit_and_tiny_samples():
         small = fit_unit("norm", ["m"], m[:, None], m, 2 * m, 0.01 + m / 1e3)
         assert small.method == "roofline" and set(small.cv_by_method) == {"roofline"}
         assert small.predict([100.0], 100.0, 200.0) > 0
+    scattered = np.random.default_rng(0).uniform(1, 100, size=(300, 2))  # 90,000 grid cells
+    alone = fit_unit("attention", ["B", "S"], scattered, scattered[:, 0], scattered[:, 1],
+                     np.ones(300), methods=("interp",))
+    assert alone.method == "roofline"  # interp cannot be fitted, the roofline always can
 
 
 def test_malformed_input_is_refused():
