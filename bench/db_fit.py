@@ -73,7 +73,7 @@ def cpu_name() -> str:
 
 def load(db: Path) -> tuple[dict, list[dict]]:
     """(environment info, [{key, kind, names, X, flops, bytes, y}]) per signature."""
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    conn = sqlite3.connect(f"file:{db}?mode=ro&immutable=1", uri=True)  # leaves no -shm/-wal
     (info,), = conn.execute("SELECT info FROM environments").fetchall()
     points: dict[str, list] = defaultdict(list)
     kinds: dict[str, tuple[str, dict]] = {}
