@@ -256,7 +256,8 @@ def _classify(compute: list[torch.fx.Node], path: str, cls: str, call: str) -> s
     """Kind of a non-anchor group from its ops, module class and issuing helper."""
     ops = {op_name(n) for n in compute}
     call_l = call.lower()
-    if ops & _ATTENTION_OPS or "attention" in call_l:
+    if ops & _ATTENTION_OPS or "attention" in call_l or \
+            ("softmax" in ops and ops & {"matmul", "bmm"}):  # eager attention, inlined
         return "attention"
     if cls.endswith("Experts") or "grouped_mm" in ops:
         return "moe_experts"

@@ -82,23 +82,34 @@ def _scalars(node: torch.fx.Node) -> list:
     return out
 
 
-def _token_products(nodes: list[torch.fx.Node]) -> set[str]:
-    """Distinct products of request dims over the tensors of `nodes`."""
-    products = set()
+def _token_products(nodes: list[torch.fx.Node]) -> dict[str, sympy.Expr]:
+    """Distinct products of request dims over the tensors of `nodes` (text -> expression)."""
+    products = {}
     for node in nodes:
         labels = node.meta.get(TAINT_KEY)
         if isinstance(labels, tuple) and labels and isinstance(labels[0], TensorLabel):
             request = [d.expr for d in labels[0].dims if not isinstance(d, Config)]
             if request:
-                products.add(str(sympy.Mul(*request)))
+                product = sympy.Mul(*request)
+                products[str(product)] = product
     return products
+
+
+def _is_token_count(expr: sympy.Expr) -> bool:
+    """A product of distinct request symbols (`B*S`, `T`, `N`): a count of tokens or rows.
+    A mask over `B*S**2` or `B*(P + S)` elements is not: sweeping it as tokens would leave
+    every real step far outside the profiled range."""
+    powers = expr.as_powers_dict()
+    return all(isinstance(base, sympy.Symbol) and exp == 1 for base, exp in powers.items())
 
 
 def _tokenwise(unit: OpUnit) -> bool:
     """Collapse to one token variable only if every tensor sees the same token count (a gather
     of N rows out of T tokens keeps both)."""
-    return unit.kind in TOKENWISE and \
-        len(_token_products([*unit_inputs(unit), *unit_outputs(unit)])) <= 1
+    if unit.kind not in TOKENWISE:
+        return False
+    products = _token_products([*unit_inputs(unit), *unit_outputs(unit)])
+    return len(products) <= 1 and all(_is_token_count(e) for e in products.values())
 
 
 def binding(unit: OpUnit) -> dict[str, str]:
@@ -108,7 +119,7 @@ def binding(unit: OpUnit) -> dict[str, str]:
     if not _tokenwise(unit):
         return {}
     products = _token_products([*unit_inputs(unit), *unit_outputs(unit)])
-    return {TOKEN_VAR: products.pop()} if products else {}
+    return {TOKEN_VAR: next(iter(products))} if products else {}
 
 
 def canonical(unit: OpUnit) -> dict:
