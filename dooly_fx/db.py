@@ -103,6 +103,9 @@ CREATE TABLE fits (                 -- latency model of one signature in one env
 CREATE INDEX points_env ON points (env, status);
 """
 
+SHIPPED_DB = Path(__file__).parent / "data" / "h100.db"
+"""The H100 latency DB shipped with the package (profiles and fits; see data/README.md)."""
+
 MAX_ATTEMPTS = 3
 """A point that failed this many times is not retried automatically."""
 
@@ -162,20 +165,27 @@ class LatencyDB:
     # --- opening ---------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: str | Path, create: bool = True) -> LatencyDB:
+    def open(cls, path: str | Path, create: bool = True, readonly: bool = False) -> LatencyDB:
         """Open (or create) a DB; a file that is not a current dooly_fx DB is a UserError.
 
-        Nothing is written to a file that fails the check.
+        Nothing is written to a file that fails the check, nor to one opened `readonly` (the
+        DB shipped with the package may sit in a read-only install).
         """
         path = Path(path)
         exists = path.exists() and path.stat().st_size > 0
-        if not exists and not create:
+        if not exists and (not create or readonly):
             raise UserError(f"{path}: no such latency DB")
         if exists:
             _check_header(path)
-        conn = sqlite3.connect(path, timeout=60.0, isolation_level=None)
+        if readonly:
+            conn = sqlite3.connect(f"file:{path.resolve()}?mode=ro&immutable=1", uri=True)
+        else:
+            conn = sqlite3.connect(path, timeout=60.0, isolation_level=None)
         conn.row_factory = sqlite3.Row
         try:
+            if readonly:
+                _check_schema(conn, path)
+                return cls(path, conn)
             conn.execute("PRAGMA busy_timeout = 60000")
             if exists:
                 _check_schema(conn, path)
@@ -193,6 +203,9 @@ class LatencyDB:
         except sqlite3.DatabaseError as exc:
             conn.close()
             raise UserError(f"{path}: not a usable dooly_fx latency DB ({exc})") from exc
+        except UserError:
+            conn.close()
+            raise
         return cls(path, conn)
 
     @classmethod

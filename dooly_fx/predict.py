@@ -279,3 +279,84 @@ def predict_step(loaded: Loaded, batch: Batch, skew: float = DEFAULT_SKEW) -> St
         gpu += use.count * ms
         host += use.count * fit.host_ms
     return Step(phase, regime, values, units, gpu, host)
+
+
+# --- continuous batching ---------------------------------------------------------------------
+
+
+class FlatStepTime:
+    """Step time (seconds) of a continuous-batching step from a padded-engine profile:
+    `FlatStepTime(loaded)(batch)` for a batch of (new, cached) per sequence.
+
+    The engine flattens the step's tokens: every token-wise unit (GEMMs, norms, activations,
+    ...) runs once over T = Σ new tokens (an LM head over one row per sequence), so it is
+    predicted at m = T (or N). Attention is per sequence: prefills (no cache) at (B=1, S=q),
+    decodes together at (B=n, P=mean cached), chunked prefills at (B=1, S=q, P=c), each with
+    the phase's own attention-side units. Host and GPU overlap as in `predict_step`. Values
+    are memoised (token counts exactly, cached lengths to 16 tokens), so a simulator can call
+    it for every step of a long trace.
+    """
+
+    CONTEXT_BUCKET = 16
+
+    def __init__(self, loaded: Loaded, skew: float = DEFAULT_SKEW) -> None:
+        if loaded.missing:
+            raise UserError(f"{loaded.model}: {len(loaded.missing)} signatures have no fit; "
+                            "run `python -m dooly_fx fit` (and profile them first)")
+        self.loaded, self.skew = loaded, skew
+        prefill = loaded.uses.get(("prefill", "")) or next(
+            (u for (p, _), u in loaded.uses.items() if p == "prefill"), None)
+        if prefill is None:
+            raise UserError(f"{loaded.model}: no prefill units recorded; profile that phase")
+        self._tokenwise = [u for u in prefill if set(loaded.fits[u.signature].names) <= {"m",
+                                                                                        "skew"}]
+        self._memo: dict[tuple, tuple[float, float]] = {}
+
+    def _units(self, uses: Sequence[Use], values: dict) -> tuple[float, float]:
+        gpu = host = 0.0
+        for use in uses:
+            fit = self.loaded.fits[use.signature]
+            point = unit_point(fit, use, values, self.skew)
+            flops, moved = cost(fit.canonical, point)
+            gpu += use.count * fit.gpu.predict([point[n] for n in fit.names], flops, moved)
+            host += use.count * fit.host_ms
+        return gpu, host
+
+    def _attention(self, phase: str, values: dict) -> tuple[float, float]:
+        key = (phase, *sorted(values.items()))
+        if key not in self._memo:
+            regime = _regime(self.loaded, phase, values)
+            uses = self.loaded.uses.get((phase, regime))
+            if uses is None:
+                raise UserError(f"{self.loaded.model}: no {phase} units recorded; profile "
+                                "that phase")
+            self._memo[key] = self._units(
+                [u for u in uses if not set(self.loaded.fits[u.signature].names) <= {"m",
+                                                                                    "skew"}],
+                values)
+        return self._memo[key]
+
+    def __call__(self, batch: Batch) -> float:
+        tokens = sum(q for q, _ in batch)
+        key = ("tokens", tokens, len(batch))
+        if key not in self._memo:
+            # B*S = T and B = N for the bindings of the padded capture.
+            self._memo[key] = self._units(self._tokenwise, {"B": len(batch),
+                                                            "S": tokens / len(batch)})
+        gpu, host = self._memo[key]
+        bucket = self.CONTEXT_BUCKET
+        decodes = [c for q, c in batch if q == 1 and c > 0]
+        if decodes:
+            mean = max(1, round(sum(decodes) / len(decodes) / bucket)) * bucket
+            g, h = self._attention("decode", {"B": len(decodes), "S": 1, "P": mean})
+            gpu, host = gpu + g, host + h
+        for q, c in batch:
+            if q == 1 and c > 0:
+                continue
+            if c == 0:
+                g, h = self._attention("prefill", {"B": 1, "S": q, "P": 0})
+            else:
+                g, h = self._attention("mixed", {"B": 1, "S": q,
+                                                 "P": max(1, round(c / bucket)) * bucket})
+            gpu, host = gpu + g, host + h
+        return max(gpu, host) / 1e3
