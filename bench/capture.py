@@ -321,7 +321,7 @@ def source_digest() -> str:
 
 
 def _cpu_name() -> str:
-    from dooly_fx.profile import cpu_name  # imported late: workers time their own imports
+    from dooly_fx.hostinfo import cpu_name  # imported late: workers time their own imports
 
     return cpu_name()
 

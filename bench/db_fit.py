@@ -32,8 +32,8 @@ import sklearn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dooly_fx.db import LatencyDB  # noqa: E402
 from dooly_fx.fit import METHODS, fit_unit  # noqa: E402
+from dooly_fx.hostinfo import cpu_name  # noqa: E402
 from dooly_fx.predict import features, unit_vars  # noqa: E402
-from dooly_fx.profile import cpu_name  # noqa: E402
 
 
 def load(db: Path) -> tuple[dict, list[dict]]:

@@ -41,6 +41,7 @@ from sklearn.model_selection import GridSearchCV
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dooly_fx.fit import METHODS, fit_unit  # noqa: E402
+from dooly_fx.hostinfo import cpu_name  # noqa: E402
 
 OPS = ("emb", "input_layernorm", "attn_pre_proj", "attn_rope", "attn_post_proj",
        "post_attention_layernorm", "mlp_up_proj", "mlp_act", "mlp_down_proj", "add")
@@ -199,16 +200,6 @@ def run_vidur_rf(path: Path, tp: int, ops: list[str], split_names: list[str],
             print(f"  RF {split} {op}: {out[-1]['test_mape']:.2%} held out, {seconds:.1f} s",
                   flush=True)
     return out
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def summarise(units: list[dict]) -> dict[str, dict[str, dict]]:

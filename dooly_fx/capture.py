@@ -163,7 +163,7 @@ def _symbolic_config(spec: ModelSpec, engine: EngineProfile, plan: LayerPlan, ta
     if engine.engine == "paged":
         from dooly_fx import paged
 
-        paged.register()  # makes attn_implementation="dooly_paged" known to transformers
+        paged.register()  # makes attn_implementation="dooly_paged_<impl>" known to transformers
     config._attn_implementation = engine.attn_backend_name
     if _has_experts(config):
         from dooly_fx import moe
@@ -220,13 +220,16 @@ class _PaddedStep(nn.Module):
 class _FlatStep(nn.Module):
     """The continuous-batching layout: all new tokens flattened into `input_ids[1, T]`."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, cached: bool) -> None:
         super().__init__()
         self.model = model
+        self.cached = cached
+        """Whether the last symbol input is P (cached tokens per sequence) for the attention."""
 
     def forward(self, input_ids, position_ids, cu_seqlens_q, logits_indices, *symbols):
+        extra = {"dooly_cached": symbols[-1]} if self.cached else {}
         out = self.model(input_ids, position_ids=position_ids, cu_seq_lens_q=cu_seqlens_q,
-                         logits_to_keep=logits_indices, use_cache=False)
+                         logits_to_keep=logits_indices, use_cache=False, **extra)
         return out.logits
 
 
@@ -423,7 +426,10 @@ def _phase_inputs(model, config, engine, phase, regime, window, table):
         positions = torch.empty((1, t), dtype=torch.long)
         cu_seqlens = torch.empty((n + 1,), dtype=torch.int32)
         logits_indices = torch.empty((n,), dtype=torch.long)
-        return _FlatStep(model), (ids, positions, cu_seqlens, logits_indices), ()
+        if phase == "prefill":
+            return _FlatStep(model, False), (ids, positions, cu_seqlens, logits_indices), ()
+        p = table.new("P", REQUEST_HINTS["P"], "request")  # cached tokens per sequence
+        return _FlatStep(model, True), (ids, positions, cu_seqlens, logits_indices), (p,)
 
     above = regime == "window>="
     b = table.request("B")

@@ -61,7 +61,8 @@ def cmd_capture(args: argparse.Namespace) -> None:
     from dooly_fx.report import analyze_model, shared_signatures
     from dooly_fx.spec import resolve_model
 
-    engine = EngineProfile(engine=args.engine, attn_impl=args.attn, dtype=args.dtype)
+    engine = EngineProfile(engine=args.engine, attn_impl=args.attn, dtype=args.dtype,
+                           kernels=args.kernels)
     phases = list(PHASES) if args.phase == "all" else [args.phase]
     specs = [resolve_model(ref) for ref in args.models]
     reports = []
@@ -93,7 +94,8 @@ def _sweep_args(args: argparse.Namespace):
     for name in ("max_tokens", "max_seqs", "max_context"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be a positive integer")
-    engine = EngineProfile(engine=args.engine, attn_impl=args.attn, dtype=args.dtype)
+    engine = EngineProfile(engine=args.engine, attn_impl=args.attn, dtype=args.dtype,
+                           kernels=args.kernels)
     bounds = Bounds(args.max_tokens, args.max_seqs, args.max_context)
     phases = list(PHASES) if args.phase == "all" else [args.phase]
     return [resolve_model(ref) for ref in args.models], engine, bounds, phases
@@ -375,6 +377,9 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
                              "batching, tokens flattened to [1,T] (default: padded)")
     parser.add_argument("--attn", default="sdpa", choices=ATTN_IMPLS, help="attention impl")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    parser.add_argument("--kernels", default="eager", choices=("eager", "triton"),
+                        help="triton: the fused-engine variant (norms and SiLU·mul as one Triton "
+                             "kernel each)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -24,8 +24,19 @@ def _environment(db: LatencyDB, device: str) -> dict:
     return envs[-1]
 
 
+def model_name(db: LatencyDB, ref: str) -> str:
+    """A model as the DB names it: a name recorded there as given, else the zoo name, HF id,
+    config.json or folder resolved to its model name."""
+    if any(m["name"] == ref for m in db.models()):
+        return ref
+    from dooly_fx.spec import resolve_model
+
+    return resolve_model(ref).name
+
+
 def _engine(args: argparse.Namespace) -> EngineProfile:
-    return EngineProfile(engine=args.engine, attn_impl=args.attn, dtype=args.dtype)
+    return EngineProfile(engine=args.engine, attn_impl=args.attn, dtype=args.dtype,
+                         kernels=args.kernels)
 
 
 def cmd_fit(args: argparse.Namespace) -> None:
@@ -89,12 +100,11 @@ def cmd_predict(args: argparse.Namespace) -> None:
             --json step.json
     """
     from dooly_fx.predict import load, predict_step
-    from dooly_fx.spec import resolve_model
     from dooly_fx.validate import parse_batch
 
     batch = parse_batch(args.batch)
-    name = resolve_model(args.model).name
     with LatencyDB.open(args.db, create=False) as db:
+        name = model_name(db, args.model)
         env = _environment(db, args.device)
         loaded = load(db, name, env["fingerprint"], _engine(args).label)
     step = predict_step(loaded, batch, skew=args.skew)
@@ -188,12 +198,59 @@ def cmd_validate_steps(args: argparse.Namespace) -> None:
         write_json(args.json, report)
 
 
+def cmd_coverage(args: argparse.Namespace) -> None:
+    """Per unit of each model: covered or not in the DB's environment, profiled range, points,
+    fit method and held-out error, and share of a reference prefill and decode step.
+
+        python -m dooly_fx coverage llama-3.1-8b qwen2.5-7b --db bench/results/h100.db
+        python -m dooly_fx coverage gemma-2-9b --db h100.db --html coverage/ --json cov.json
+    """
+    from dataclasses import asdict
+
+    from dooly_fx.coverage import coverage, write_html
+    from dooly_fx.predict import load
+
+    engine = _engine(args)
+    payload = []
+    with LatencyDB.open(args.db, create=False) as db:
+        env = _environment(db, args.device)
+        for ref in args.models:
+            name = model_name(db, ref)
+            loaded = load(db, name, env["fingerprint"], engine.label)
+            rows = coverage(db, loaded)
+            table = Table(title=f"coverage · {name} · {engine.label} · {env['device']}")
+            for col in ("unit", "kind", "covered", "ok/failed/oom", "range", "fit", "cv MAPE",
+                        "prefill share", "decode share"):
+                table.add_column(col, justify="left" if col in ("unit", "kind", "range", "fit")
+                                 else "right")
+            for r in rows:
+                table.add_row(", ".join(r.roles)[:60], r.kind,
+                              "yes" if r.covered else "[red]NO[/red]",
+                              f"{r.ok}/{r.failed}/{r.oom}",
+                              ", ".join(f"{n} {lo:g}–{hi:g}" for n, (lo, hi) in r.ranges.items()),
+                              r.method or "-", "-" if r.cv_mape is None else f"{r.cv_mape:.1%}",
+                              f"{r.share['prefill']:.1%}" if "prefill" in r.share else "-",
+                              f"{r.share['decode']:.1%}" if "decode" in r.share else "-")
+            out.print(table)
+            uncovered = sum(not r.covered for r in rows)
+            out.print(f"{name}: {len(rows) - uncovered}/{len(rows)} unit signatures covered")
+            entry = {"model": name, "engine": engine.label, "units": [
+                {**asdict(r), "covered": r.covered} for r in rows]}
+            if args.html:
+                entry["html"] = str(write_html(db, loaded, rows, Path(args.html)))
+                out.print(f"report: {entry['html']}")
+            payload.append(entry)
+    if args.json:
+        write_json(args.json, {"environment": env["fingerprint"], "device": env["device"],
+                               "models": payload})
+
+
 def _machine(device: str) -> dict:
     """What the steps were measured on: device and library versions."""
     import torch
     import transformers
 
-    from dooly_fx.profile import cpu_name
+    from dooly_fx.hostinfo import cpu_name
 
     info = {"torch": torch.__version__, "transformers": transformers.__version__}
     if device.startswith("cuda"):
@@ -211,6 +268,17 @@ def add_verbs(verbs, engine_args) -> None:
     fit.add_argument("--db", required=True, metavar="FILE")
     fit.add_argument("--json", metavar="FILE", help="write what was fitted as JSON")
     fit.set_defaults(func=cmd_fit)
+
+    cov = verbs.add_parser("coverage", help="per-unit coverage and fit quality of models",
+                           description=cmd_coverage.__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    cov.add_argument("models", nargs="+", metavar="MODEL")
+    cov.add_argument("--db", required=True, metavar="FILE")
+    cov.add_argument("--device", default="cuda", choices=("cpu", "cuda"))
+    engine_args(cov)
+    cov.add_argument("--html", metavar="DIR", help="write plots and an index.html per model")
+    cov.add_argument("--json", metavar="FILE")
+    cov.set_defaults(func=cmd_coverage)
 
     for name, func, text in (
             ("predict", cmd_predict, "predict one engine step from the DB"),

@@ -27,6 +27,9 @@ class EngineProfile:
     """MoE experts implementation in transformers ('grouped_mm' or 'batched_mm')."""
     tp: int = 1
     """Tensor-parallel degree (1: no sharding)."""
+    kernels: str = "eager"
+    """'eager': the ATen ops transformers issues; 'triton': a fused engine, where norms and
+    SiLU·mul run as one Triton kernel each (`fused.py`)."""
 
     def __post_init__(self) -> None:
         from dooly_fx.errors import UserError
@@ -41,6 +44,8 @@ class EngineProfile:
         if self.experts_impl not in ("grouped_mm", "batched_mm"):
             raise UserError(f"unknown experts implementation '{self.experts_impl}'; choose from "
                             "grouped_mm, batched_mm")
+        if self.kernels not in ("eager", "triton"):
+            raise UserError(f"unknown kernels '{self.kernels}'; choose from eager, triton")
         if self.tp != 1:
             raise UserError("tensor parallelism (--tp > 1) is not supported yet")
 
@@ -51,10 +56,17 @@ class EngineProfile:
     @property
     def attn_backend_name(self) -> str:
         """The `attn_implementation` string the model is built with."""
-        return "dooly_paged" if self.engine == "paged" else self.attn_impl
+        if self.engine == "paged":
+            from dooly_fx.paged import backend_name
+
+            return backend_name(self.attn_impl)
+        return self.attn_impl
 
     @property
     def label(self) -> str:
-        """`engine|attn|dtype`, plus `|experts` when MoE experts do not use grouped_mm."""
+        """`engine|attn|dtype`, plus `|experts` when MoE experts do not use grouped_mm and
+        `|triton` for the fused-kernel variant."""
         base = f"{self.engine}|{self.attn_impl}|{self.dtype}"
-        return base if self.experts_impl == "grouped_mm" else f"{base}|{self.experts_impl}"
+        if self.experts_impl != "grouped_mm":
+            base += f"|{self.experts_impl}"
+        return base if self.kernels == "eager" else f"{base}|{self.kernels}"

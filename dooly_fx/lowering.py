@@ -65,7 +65,12 @@ def register_lowering(*kinds: str) -> Callable[[Lowering], Lowering]:
 
 
 def lower(case: UnitCase, point: Point, device: str) -> Runnable:
-    """The runnable for `case` at `point` on `device` (a registered lowering or subgraph replay)."""
+    """The runnable for `case` at `point` on `device`: the fused-engine kernel of a fused
+    signature (`fused.py`), else a registered lowering, else subgraph replay."""
+    if case.canonical.get("impl") == "triton":
+        from dooly_fx.fused import lower_fused
+
+        return lower_fused(case, point, device)
     return LOWERINGS.get(case.kind, replay_subgraph)(case, point, device)
 
 
@@ -155,12 +160,11 @@ def replay_subgraph(case: UnitCase, point: Point, device: str,
     return Runnable(fn, check)
 
 
-@register_lowering("paged_attention", "kv_cache_write")
-def _paged(case: UnitCase, point: Point, device: str) -> Runnable:
-    """The opaque paged ops with a valid batch: T new tokens split evenly over N sequences.
-
-    `cu_seqlens_q` (the only int32 input, of length N + 1) gets real offsets.
-    """
+@register_lowering("kv_cache_write")
+def _kv_cache_write(case: UnitCase, point: Point, device: str) -> Runnable:
+    """The marker op alone: the engine writes the step's K/V inside its attention function,
+    so that cost is timed with `paged_attention`. T new tokens split evenly over N sequences
+    (`cu_seqlens_q`, the only int32 input, gets real offsets)."""
     n = point.get("N", 1)
     t = point.get("T", n)
     offsets = torch.tensor([round(i * t / n) for i in range(n + 1)], dtype=torch.int32,
@@ -168,6 +172,31 @@ def _paged(case: UnitCase, point: Point, device: str) -> Runnable:
     args = [offsets if isinstance(a, torch.Tensor) and a.dtype == torch.int32 else a
             for a in materialise(case, point, device)]
     return replay_subgraph(case, point, device, args)
+
+
+@register_lowering("paged_attention")
+def _paged_attention(case: UnitCase, point: Point, device: str) -> Runnable:
+    """One layer of the paged engine's attention, as the engine runs it (`paged.
+    engine_attention`): N sequences, T new tokens split evenly, P cached tokens each, on a
+    `PagedAttentionCache` built by transformers; checked against plain attention first.
+    The op's sliding window is not applied (every layer reads its whole cache)."""
+    from dooly_fx.paged import engine_attention
+
+    values = realise(case.symbols, point)
+    q, k = (shape_at(lab, values) for lab in case.inputs[:2])  # (T, H, D), (T, Hkv, D)
+    n, t, cached = point.get("N", 1), point.get("T", point.get("N", 1)), point.get("P", 0)
+    new = [round((i + 1) * t / n) - round(i * t / n) for i in range(n)]
+    impl = case.canonical["scalars"][-1][-1]
+    fn, reference = engine_attention(q[1], k[1], q[2], case.inputs[0].dtype, device, impl,
+                                     new, [cached] * n)
+
+    def check() -> None:
+        got = fn()
+        if list(got.shape) != [1, t, q[1], q[2]]:
+            raise AssertionError(f"paged attention output {list(got.shape)} != {[1, *q]}")
+        torch.testing.assert_close(got.float(), reference(), rtol=0.05, atol=0.05)
+
+    return Runnable(fn, check)
 
 
 def moe_routing(tokens: int, top_k: int, experts: int, skew: float,

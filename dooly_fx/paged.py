@@ -4,11 +4,16 @@ In the continuous-batching engine, attention is stateful: it writes the step's K
 cache and reads each sequence's context back. For capture that is two opaque ops with fake
 (shape-only) implementations, so the graph holds exactly one node for each:
 
-    kv_cache_write(k: (T, Hkv, D), v: (T, Hkv, D), cu_seqlens_q: (N+1,)) -> None
-    paged_attention(q: (T, H, D), k, v, cu_seqlens_q) -> (T, H, D)
+    kv_cache_write(k: (T, Hkv, D), v: (T, Hkv, D), cu_seqlens_q: (N+1,)) -> marker
+    paged_attention(q: (T, H, D), k, v, cu_seqlens_q, marker, sliding_window, softcap,
+                    cached: P, impl) -> (T, H, D)
 
-Their latency depends on the per-sequence (new, cached) token lists, not on shapes alone; at
-profile time they are replaced by the engine's own attention on its own cache objects.
+`cached` is the request symbol P (cached tokens per sequence; 0 in a prefill step), so the
+attention unit's signature is swept over (T, N, P), and `impl` names the engine's attention
+(`sdpa`, `eager`). At profile time the unit runs as the engine runs it: transformers'
+`paged|<impl>` attention function on a `PagedAttentionCache` built by transformers' own code,
+with the read/write indices and block-diagonal mask continuous batching makes
+(`engine_attention`).
 """
 
 from __future__ import annotations
@@ -33,9 +38,10 @@ def _(k: Tensor, v: Tensor, cu_seqlens_q: Tensor) -> Tensor:
 @torch.library.custom_op("dooly::paged_attention", mutates_args=())
 def paged_attention(
     q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, written: Tensor,
-    sliding_window: int, softcap: float,
+    sliding_window: int, softcap: float, cached: int, impl: str,
 ) -> Tensor:
-    """Causal attention of each sequence's new tokens over themselves (reference semantics)."""
+    """Causal attention of each sequence's new tokens over themselves (reference semantics;
+    the cached tokens are not materialised here)."""
     out = torch.empty_like(q)
     bounds = cu_seqlens_q.tolist()
     groups = q.shape[1] // k.shape[1]
@@ -49,19 +55,30 @@ def paged_attention(
 
 
 @paged_attention.register_fake
-def _(q, k, v, cu_seqlens_q, written, sliding_window, softcap):
+def _(q, k, v, cu_seqlens_q, written, sliding_window, softcap, cached, impl):
     return torch.empty_like(q)
 
 
-def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-               sliding_window=None, softcap=None, **kwargs):
-    """`attn_implementation="dooly_paged"`: (1, H, T, D) q/k/v in, (1, T, H, D) out."""
-    cu_seqlens = kwargs["cu_seq_lens_q"]
-    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, H, D)
-    written = torch.ops.dooly.kv_cache_write(k, v, cu_seqlens)
-    out = torch.ops.dooly.paged_attention(
-        q, k, v, cu_seqlens, written, int(sliding_window or 0), float(softcap or 0.0))
-    return out.unsqueeze(0), None
+IMPLS = ("sdpa", "eager")
+
+
+def backend_name(impl: str) -> str:
+    """The `attn_implementation` that captures the paged engine's `paged|<impl>` attention."""
+    return f"dooly_paged_{impl}"
+
+
+def _attention_for(impl: str):
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                  sliding_window=None, softcap=None, **kwargs):
+        """(1, H, T, D) q/k/v in, (1, T, H, D) out; `dooly_cached` is P (absent: 0)."""
+        cu_seqlens = kwargs["cu_seq_lens_q"]
+        q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, H, D)
+        written = torch.ops.dooly.kv_cache_write(k, v, cu_seqlens)
+        out = torch.ops.dooly.paged_attention(
+            q, k, v, cu_seqlens, written, int(sliding_window or 0), float(softcap or 0.0),
+            kwargs.get("dooly_cached", 0), impl)
+        return out.unsqueeze(0), None
+    return attention
 
 
 def _no_mask(*args, **kwargs):
@@ -77,6 +94,84 @@ def register() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    AttentionInterface.register("dooly_paged", _attention)
-    AttentionMaskInterface.register("dooly_paged", _no_mask)
+    for impl in IMPLS:
+        AttentionInterface.register(backend_name(impl), _attention_for(impl))
+        AttentionMaskInterface.register(backend_name(impl), _no_mask)
     _REGISTERED = True
+
+
+def engine_attention(heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: str,
+                     impl: str, new: list[int], cached: list[int], block_size: int = 256):
+    """One layer of the paged engine's attention for a batch of (new, cached) tokens per
+    sequence: transformers' `paged|<impl>` function on a `PagedAttentionCache` made by
+    transformers (its blocks allocated for the batch), with continuous batching's read/write
+    indices and mask. Returns (fn, reference): `fn()` runs it on fixed q/k/v; `reference()`
+    runs plain causal attention of each sequence over its cache contents and new tokens, to
+    check `fn` against."""
+    import itertools
+    from types import SimpleNamespace
+    from unittest import mock
+
+    from transformers import AttentionInterface, LlamaConfig
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+    from transformers.generation.continuous_batching.cache import (
+        PagedAttentionCache,
+        PagedAttentionMemoryHandler,
+    )
+    from transformers.generation.continuous_batching.distributed import DistributedHelper
+    from transformers.generation.continuous_batching.utils import build_attention_mask
+
+    config = LlamaConfig(num_hidden_layers=1, num_attention_heads=heads,
+                         num_key_value_heads=kv_heads, head_dim=head_dim,
+                         hidden_size=heads * head_dim)
+    blocks = [-(-(q + c) // block_size) for q, c in zip(new, cached, strict=True)]
+    cb = ContinuousBatchingConfig(block_size=block_size, num_blocks=sum(blocks) + 1,
+                                  max_batch_tokens=max(sum(new), 1))
+    # The cache is sized here for this batch, not from free device memory.
+    with mock.patch.object(PagedAttentionMemoryHandler, "get_available_memory",
+                           return_value=2**50):
+        cache = PagedAttentionCache(config, cb, device, DistributedHelper(None, None), {},
+                                    dtype=dtype)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(0)
+    for layer in (*cache.key_cache, *cache.value_cache):
+        layer.normal_(0, 1, generator=generator)
+    reads: list[list[int]] | None = [[]] if any(cached) else None
+    writes: list[list[int]] = [[]]
+    for i, (q, c) in enumerate(zip(new, cached, strict=True)):
+        cache.allocate_blocks(blocks[i], f"r{i}", 0)
+        cache.extend_read_and_write_indices(f"r{i}", c, q, reads, writes)
+    index = {"read_index": [torch.tensor(r, dtype=torch.int64, device=device)
+                            for r in (reads or [[]])],
+             "write_index": [torch.tensor(w, dtype=torch.int64, device=device) for w in writes]}
+    t, k_len = sum(new), sum(new) + sum(cached)
+    cu_q = [0, *itertools.accumulate(new)]
+    cu_k = [0, *itertools.accumulate(q + c for q, c in zip(new, cached, strict=True))]
+    mask = torch.zeros(1, 1, t, k_len, dtype=dtype, device=device)
+    build_attention_mask(mask, cu_q, cu_k)
+    q, k, v = (torch.randn(1, h, t, head_dim, dtype=dtype, device=device, generator=generator)
+               for h in (heads, kv_heads, kv_heads))
+    module = SimpleNamespace(layer_idx=0, num_key_value_groups=heads // kv_heads,
+                             is_causal=True, training=False, scaling=head_dim**-0.5)
+    attention = AttentionInterface._global_mapping[f"paged|{impl}"]
+    extra = {"cu_seq_lens_q": torch.tensor(cu_q, device=device),
+             "cu_seq_lens_k": torch.tensor(cu_k, device=device)}
+
+    def fn() -> Tensor:
+        return attention(module, q, k, v, mask, scaling=head_dim**-0.5, cache=cache,
+                         **index, **extra)[0]
+
+    def reference() -> Tensor:  # (1, T, H, D): the cache as fn() left it, plain attention
+        if reads:
+            keys = cache.key_cache[0].index_select(0, index["read_index"][0])  # (K, Hkv, D)
+            values = cache.value_cache[0].index_select(0, index["read_index"][0])
+        else:
+            keys, values = k[0].transpose(0, 1), v[0].transpose(0, 1)
+        groups = heads // kv_heads
+        keys, values = (x.transpose(0, 1).repeat_interleave(groups, 0).float()
+                        for x in (keys, values))  # (H, K, D)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q[0].float(), keys, values, attn_mask=mask[0].float())  # (H, T, D)
+        return out.transpose(0, 1).unsqueeze(0)
+
+    return fn, reference

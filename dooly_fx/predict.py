@@ -227,8 +227,8 @@ def batch_values(batch: Batch, engine: str) -> tuple[str, dict[str, int]]:
         phase = "decode"
     else:
         phase = "mixed"
-    if engine.startswith("paged"):
-        return phase, {"T": sum(new), "N": len(batch), "P": max(cached)}
+    if engine.startswith("paged"):  # the attention reads Σ (cached + new) keys: N·P + T
+        return phase, {"T": sum(new), "N": len(batch), "P": round(sum(cached) / len(batch))}
     return phase, {"B": len(batch), "S": 1 if phase == "decode" else max(new), "P": max(cached)}
 
 
@@ -259,6 +259,11 @@ def unit_point(fit: UnitFit, use: Use, values: dict, skew: float) -> dict:
 def predict_step(loaded: Loaded, batch: Batch, skew: float = DEFAULT_SKEW) -> Step:
     """Predicted time of one engine step running `batch` ((new, cached) per sequence)."""
     phase, values = batch_values(batch, loaded.engine)
+    return predict_at(loaded, phase, values, skew)
+
+
+def predict_at(loaded: Loaded, phase: str, values: dict, skew: float = DEFAULT_SKEW) -> Step:
+    """Predicted time of one step of `phase` at request values (B, S, P or T, N, P)."""
     regime = _regime(loaded, phase, values)
     uses = loaded.uses.get((phase, regime))
     if uses is None:
@@ -285,16 +290,18 @@ def predict_step(loaded: Loaded, batch: Batch, skew: float = DEFAULT_SKEW) -> St
 
 
 class FlatStepTime:
-    """Step time (seconds) of a continuous-batching step from a padded-engine profile:
-    `FlatStepTime(loaded)(batch)` for a batch of (new, cached) per sequence.
+    """Step time (seconds) of a continuous-batching step: `FlatStepTime(loaded)(batch)` for a
+    batch of (new, cached) per sequence.
 
-    The engine flattens the step's tokens: every token-wise unit (GEMMs, norms, activations,
-    ...) runs once over T = Σ new tokens (an LM head over one row per sequence), so it is
-    predicted at m = T (or N). Attention is per sequence: prefills (no cache) at (B=1, S=q),
-    decodes together at (B=n, P=mean cached), chunked prefills at (B=1, S=q, P=c), each with
-    the phase's own attention-side units. Host and GPU overlap as in `predict_step`. Values
-    are memoised (token counts exactly, cached lengths to 16 tokens), so a simulator can call
-    it for every step of a long trace.
+    From a paged-engine profile (`--engine paged`), the step is predicted at (T, N, mean
+    cached) directly: the engine's attention reads N·P + T keys in one call. From a
+    padded-engine profile it is approximated: every token-wise unit (GEMMs, norms,
+    activations, ...) runs once over T = Σ new tokens (an LM head over one row per sequence),
+    so it is predicted at m = T (or N). Attention is per sequence: prefills (no cache) at
+    (B=1, S=q), decodes together at (B=n, P=mean cached), chunked prefills at
+    (B=1, S=q, P=c), each with the phase's own attention-side units. Host and GPU overlap as
+    in `predict_step`. Values are memoised (token counts exactly, cached lengths to 16
+    tokens), so a simulator can call it for every step of a long trace.
     """
 
     CONTEXT_BUCKET = 16
@@ -304,13 +311,15 @@ class FlatStepTime:
             raise UserError(f"{loaded.model}: {len(loaded.missing)} signatures have no fit; "
                             "run `python -m dooly_fx fit` (and profile them first)")
         self.loaded, self.skew = loaded, skew
+        self._memo: dict[tuple, tuple[float, float]] = {}
+        if loaded.engine.startswith("paged"):
+            return  # profiled as the engine runs: every unit at (T, N, P) directly
         prefill = loaded.uses.get(("prefill", "")) or next(
             (u for (p, _), u in loaded.uses.items() if p == "prefill"), None)
         if prefill is None:
             raise UserError(f"{loaded.model}: no prefill units recorded; profile that phase")
         self._tokenwise = [u for u in prefill if set(loaded.fits[u.signature].names) <= {"m",
                                                                                         "skew"}]
-        self._memo: dict[tuple, tuple[float, float]] = {}
 
     def _units(self, uses: Sequence[Use], values: dict) -> tuple[float, float]:
         gpu = host = 0.0
@@ -337,6 +346,8 @@ class FlatStepTime:
         return self._memo[key]
 
     def __call__(self, batch: Batch) -> float:
+        if self.loaded.engine.startswith("paged"):
+            return self._paged(batch)
         tokens = sum(q for q, _ in batch)
         key = ("tokens", tokens, len(batch))
         if key not in self._memo:
@@ -360,3 +371,13 @@ class FlatStepTime:
                                                  "P": max(1, round(c / bucket)) * bucket})
             gpu, host = gpu + g, host + h
         return max(gpu, host) / 1e3
+
+    def _paged(self, batch: Batch) -> float:
+        """A paged-engine profile: the step at (T, N, mean cached), cached to 16 tokens."""
+        phase, values = batch_values(batch, self.loaded.engine)
+        values["P"] = round(values["P"] / self.CONTEXT_BUCKET) * self.CONTEXT_BUCKET
+        key = (phase, values["T"], values["N"], values["P"])
+        if key not in self._memo:
+            step = predict_at(self.loaded, phase, values, self.skew)
+            self._memo[key] = (step.gpu_ms, step.host_ms)
+        return max(self._memo[key]) / 1e3

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import platform
 import subprocess
 import sys
 import time
@@ -29,9 +28,11 @@ from dooly_fx.costs import cost
 from dooly_fx.db import LatencyDB, Timing, canonical_point, fingerprint
 from dooly_fx.engine import EngineProfile
 from dooly_fx.errors import UserError
+from dooly_fx.fused import fused_signature
+from dooly_fx.hostinfo import cpu_name
 from dooly_fx.lowering import UnitCase, lower
 from dooly_fx.passes.partition import partition, unit_outputs, unit_subgraph
-from dooly_fx.passes.signature import binding, signature
+from dooly_fx.passes.signature import Signature, binding, signature
 from dooly_fx.passes.taint import META_KEY, Config, TensorLabel, taint
 from dooly_fx.spec import ModelSpec
 from dooly_fx.sweep import Bounds, points
@@ -77,6 +78,11 @@ def collect(specs: Sequence[ModelSpec], engine: EngineProfile, phases: Sequence[
                 taint(cap.gm, cap.symbols)
                 for unit in partition(cap.gm):
                     sig = signature(unit)
+                    fused = fused_signature(unit.kind, sig.data) \
+                        if engine.kernels == "triton" else None
+                    if fused is not None:  # timed as the fused engine's Triton kernel
+                        sig = Signature(fused[0], json.dumps(fused[1], sort_keys=True,
+                                                             separators=(",", ":")))
                     count = cap.plan.count(unit.layer)
                     key = (phase, cap.regime, unit.role, sig.key)
                     rows[key] = rows.get(key, 0) + count
@@ -135,18 +141,6 @@ def environment(device: str) -> Env:
     else:
         info.update(device=cpu_name(), threads=torch.get_num_threads())
     return Env(fingerprint(info), info["device"], info)
-
-
-def cpu_name() -> str:
-    """The CPU's model name (from /proc/cpuinfo where there is one)."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
 
 
 def _driver_version() -> str | None:

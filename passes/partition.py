@@ -257,7 +257,7 @@ def _classify(compute: list[torch.fx.Node], path: str, cls: str, call: str) -> s
     ops = {op_name(n) for n in compute}
     call_l = call.lower()
     if ops & _ATTENTION_OPS or "attention" in call_l or \
-            ("softmax" in ops and ops & {"matmul", "bmm"}):  # eager attention, inlined
+            (any("softmax" in op for op in ops) and ops & {"matmul", "bmm"}):  # eager, inlined
         return "attention"
     if cls.endswith("Experts") or "grouped_mm" in ops:
         return "moe_experts"

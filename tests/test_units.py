@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch.fx.experimental.proxy_tensor import make_fx
 
 from dooly_fx import moe, paged
 from dooly_fx.capture import capture
@@ -56,7 +57,7 @@ def test_paged_attention_reference_is_per_sequence_causal():
     lengths = [3, 1, 4]
     cu = torch.tensor([0, 3, 4, 8], dtype=torch.int32)
     q, k, v = torch.randn(8, 4, 16), torch.randn(8, 2, 16), torch.randn(8, 2, 16)
-    out = paged.paged_attention(q, k, v, cu, paged.kv_cache_write(k, v, cu), 0, 0.0)
+    out = paged.paged_attention(q, k, v, cu, paged.kv_cache_write(k, v, cu), 0, 0.0, 0, "sdpa")
     start = 0
     for n in lengths:
         qs, ks, vs = (t[start:start + n].transpose(0, 1) for t in (q, k, v))
@@ -74,7 +75,7 @@ def test_moe_experts_reference_matches_dense_loop():
     index = torch.tensor([[0, 2], [1, 3], [2, 0], [3, 3], [1, 0]])
     weights = torch.rand(tokens, 2)
     up, down = torch.randn(experts, 2 * inter, hidden), torch.randn(experts, hidden, inter)
-    out = moe.moe_experts(x, index, weights, up, down, True, False)
+    out = moe.moe_experts(x, index, weights, up, down, True, False, "grouped_mm")
     for t in range(tokens):
         expected = torch.zeros(hidden)
         for slot in range(2):
@@ -94,9 +95,9 @@ def test_moe_lowering_routes_tokens_uniformly(monkeypatch):
     seen = {}
     original = lowering.replay_subgraph
 
-    def spy(case, point, device, args=None):
+    def spy(case, point, device, args=None, gm=None):
         seen["args"] = args
-        return original(case, point, device, args)
+        return original(case, point, device, args, gm)
 
     monkeypatch.setattr(lowering, "replay_subgraph", spy)
     lowering.lower(case, {"m": 8}, "cpu").check()
@@ -106,3 +107,19 @@ def test_moe_lowering_routes_tokens_uniformly(monkeypatch):
                    and a.shape == index.shape and a.is_floating_point())
     assert torch.bincount(index.flatten(), minlength=4).tolist() == [4, 4, 4, 4]  # 8 tokens x 2
     assert torch.all(weights == 0.5)
+
+
+def test_inlined_eager_attention_is_attention():
+    """Regression: a traced stack that names no attention helper still has matmul-softmax-
+    matmul; it is attention (and swept over its own request variables), not elementwise."""
+    from dooly_fx.passes.partition import _classify
+
+    def eager(q, k, v):
+        scores = torch.matmul(q, k.transpose(-1, -2)).softmax(-1)
+        return torch.matmul(scores, v)
+
+    gm = make_fx(eager)(*[torch.randn(1, 2, 4, 8)] * 3)
+    compute = [n for n in gm.graph.nodes if n.op == "call_function"]
+    assert _classify(compute, "model.layers.0.self_attn", "LlamaAttention", "forward") == \
+        "attention"
+    assert _classify(compute[:1], "model.layers.0.mlp", "LlamaMLP", "forward") == "elementwise"

@@ -1,0 +1,102 @@
+"""Summarise step-level validation results: a table per model/attention and a scatter plot.
+
+    python bench/validate_steps_report.py [--steps bench/results/steps]
+
+Reads the `validate-steps --json` files (each written on the GPU machine by
+`python -m dooly_fx validate-steps MODEL --db ... --device cuda --json FILE`, see
+bench/validate_steps_gpu.sh), and writes `bench/results/validate_steps.{json,md,png}`: per file
+the median and p90 absolute percentage error over its steps, how many steps were GPU- or
+host-bound by the prediction and how many were outside the profiled range; over all files the
+same; and measured vs predicted step time for every step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=Path, default=Path("bench/results/steps"))
+    parser.add_argument("--out", type=Path, default=Path("bench/results/validate_steps.json"))
+    args = parser.parse_args()
+    files = sorted(args.steps.glob("*.json"))
+    if not files:
+        sys.exit(f"{args.steps}: no validate-steps JSON files")
+    rows, everything = [], []
+    for path in files:
+        report = json.loads(path.read_text())
+        steps = [s for s in report["steps"] if not s["skipped"]]
+        errors = np.abs([s["error"] for s in steps])
+        everything += [(report["model"], report["engine"], s) for s in steps]
+        fidelity = report.get("fidelity", {}).get("median_ape")
+        rows.append({
+            "file": path.name, "model": report["model"], "engine": report["engine"],
+            "measured_on": report.get("measured_on"), "steps": len(steps),
+            "skipped": len(report["steps"]) - len(steps),
+            "median_ape": float(np.median(errors)), "p90_ape": float(np.percentile(errors, 90)),
+            "host_bound": sum(s["host_ms"] > s["gpu_ms"] for s in steps),
+            "extrapolated": sum(bool(s["extrapolated"]) for s in steps),
+            "gpu_bound_median_ape": float(np.median([abs(s["error"]) for s in steps
+                                                     if s["gpu_ms"] >= s["host_ms"]] or [np.nan])),
+            "unit_fidelity_median_ape": fidelity,
+        })
+    all_errors = np.abs([s["error"] for _, _, s in everything])
+    summary = {"files": rows, "steps": len(everything),
+               "median_ape": float(np.median(all_errors)),
+               "p90_ape": float(np.percentile(all_errors, 90)),
+               "command": " ".join(["python", *sys.argv])}
+    args.out.write_text(json.dumps(summary, indent=1) + "\n")
+    lines = ["# Step-level validation (padded engine, real forward steps vs prediction)", "",
+             f"- summarised by: `{summary['command']}` from `{args.steps}/*.json`",
+             "- each file: `python -m dooly_fx validate-steps MODEL --db h100.db --device cuda "
+             "[--attn eager] --json FILE` on the GPU named in it (`measured_on`)", "",
+             "| model | engine | steps | median APE | p90 APE | GPU-bound median APE | "
+             "host-bound steps | outside profiled range |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        engine = r["engine"].replace("|", "\\|")
+        lines.append(f"| {r['model']} | {engine} | {r['steps']} | {r['median_ape']:.1%} | "
+                     f"{r['p90_ape']:.1%} | {r['gpu_bound_median_ape']:.1%} | "
+                     f"{r['host_bound']} | {r['extrapolated']} |")
+    lines += ["", f"All {summary['steps']} steps: median APE {summary['median_ape']:.1%}, "
+              f"p90 APE {summary['p90_ape']:.1%}.", "", "![measured vs predicted]"
+              "(validate_steps.png)"]
+    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    _plot(everything, args.out.with_suffix(".png"))
+    print("\n".join(lines))
+
+
+def _plot(everything, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 6))
+    labels = sorted({(m, e) for m, e, _ in everything})
+    for i, (model, engine) in enumerate(labels):
+        pts = [(s["median_ms"], s["predicted_ms"]) for m, e, s in everything
+               if (m, e) == (model, engine)]
+        x, y = zip(*pts, strict=True)
+        ax.scatter(x, y, s=14, color=f"C{i % 10}",
+                   marker="o" if "sdpa" in engine else "^",
+                   label=f"{model} ({engine.split('|')[1]})")
+    lo = min(min(s["median_ms"], s["predicted_ms"]) for _, _, s in everything)
+    hi = max(max(s["median_ms"], s["predicted_ms"]) for _, _, s in everything)
+    ax.plot([lo, hi], [lo, hi], color="black", linewidth=0.8)
+    ax.set(xscale="log", yscale="log", xlabel="measured step ms", ylabel="predicted step ms",
+           title="validate-steps: measured vs predicted")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

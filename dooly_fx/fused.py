@@ -1,0 +1,89 @@
+"""The fused-engine variant: units that a fused engine runs as one Triton kernel.
+
+With `EngineProfile(kernels="triton")` (`--kernels triton`), a unit of a kind in `FUSED` gets
+its own signature (its canonical JSON plus `"impl": "triton"`) and is timed as our Triton
+kernel from `kernels/` instead of the ATen ops transformers issues for it; every other unit is
+shared with the eager engine. The kernel is checked against the unit's own subgraph (what
+transformers computes) before it is timed, so a unit whose inputs do not fit the kernel fails
+its check and is recorded as failed, never timed wrongly.
+
+    kind      kernel                                  unit inputs (token-wise, m rows)
+    norm      rmsnorm(x, weight, eps)                 x (m, H), weight (H,)
+    act_mul   silu_mul_split(gate, up)                gate (m, I), up (m, I)
+              silu_mul(gate_up)                       gate_up (m, 2I)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+
+import torch
+
+from dooly_fx.lowering import Point, Runnable, UnitCase, materialise, replay_subgraph
+
+IMPL = "triton"
+FusedLowering = Callable[[list[torch.Tensor]], Callable[[], torch.Tensor]]
+FUSED: dict[str, FusedLowering] = {}
+
+
+def register_fused(*kinds: str) -> Callable[[FusedLowering], FusedLowering]:
+    """Register the Triton kernel of unit kinds: a function from the unit's tensor inputs to
+    a callable running the kernel on them."""
+    def deco(fn: FusedLowering) -> FusedLowering:
+        for kind in kinds:
+            if kind in FUSED:
+                raise ValueError(f"fused kernel for {kind!r} registered twice")
+            FUSED[kind] = fn
+        return fn
+    return deco
+
+
+def fused_signature(kind: str, canonical: dict) -> tuple[str, dict] | None:
+    """(key, canonical) of a unit's fused-variant signature, or None if `kind` has no kernel."""
+    if kind not in FUSED:
+        return None
+    data = {**canonical, "impl": IMPL}
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest(), data
+
+
+def lower_fused(case: UnitCase, point: Point, device: str) -> Runnable:
+    """The unit's Triton kernel on the unit's inputs at `point`, checked against the unit's
+    own subgraph on the same inputs."""
+    args = materialise(case, point, device)
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    fn = FUSED[case.kind](tensors)
+    reference = replay_subgraph(case, point, device, args)
+
+    def check() -> None:
+        want = reference.fn()
+        want = want[0] if isinstance(want, tuple | list) else want
+        got = fn()
+        if got.shape != want.shape:
+            got = got.reshape(want.shape)
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+    return Runnable(fn, check)
+
+
+@register_fused("norm")
+def _rmsnorm(tensors: list[torch.Tensor]) -> Callable[[], torch.Tensor]:
+    from dooly_fx.kernels.rmsnorm import rmsnorm
+
+    x = next(t for t in tensors if t.dim() >= 2)
+    weight = next(t for t in tensors if t.dim() == 1)
+    rows = x.reshape(-1, x.shape[-1])
+    return lambda: rmsnorm(rows, weight, 1e-6)  # eps is not part of a signature
+
+
+@register_fused("act_mul")
+def _silu_mul(tensors: list[torch.Tensor]) -> Callable[[], torch.Tensor]:
+    from dooly_fx.kernels.silu_mul import silu_mul, silu_mul_split
+
+    rows = [t.reshape(-1, t.shape[-1]) for t in tensors if t.is_floating_point()]
+    if len(rows) == 1:
+        return lambda: silu_mul(rows[0])
+    gate, up = rows[:2]
+    return lambda: silu_mul_split(gate, up)

@@ -1,0 +1,186 @@
+"""Cost formulas, fits stored in the DB, step prediction and its CLI, on a real tiny profile."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import sympy
+
+from dooly_fx.costs import cost, dim_value
+from dooly_fx.db import LatencyDB
+from dooly_fx.engine import EngineProfile
+from dooly_fx.errors import UserError
+from dooly_fx.passes.signature import _is_token_count
+from dooly_fx.predict import FlatStepTime, batch_values, fit_db, load, predict_step
+from dooly_fx.profile import collect, environment, profile
+from dooly_fx.sweep import Bounds
+from dooly_fx.validate import parse_batch
+
+from tiny import tiny_spec
+
+GEMM = {"kind": "gemm", "inputs": [["bfloat16", ["m", 64]], ["bfloat16", [32, 64]]],
+        "outputs": [["bfloat16", ["m", 32]]]}
+
+
+def test_gemm_cost_is_2mnk_and_bytes_of_every_tensor():
+    flops, moved = cost(GEMM, {"m": 8})
+    assert flops == 2 * 8 * 32 * 64
+    assert moved == 2 * (8 * 64 + 32 * 64 + 8 * 32)
+
+
+def test_attention_cost_counts_queries_times_keys():
+    decode = {"kind": "attention", "inputs": [["bfloat16", ["B", 1, 256]],
+                                              ["bfloat16", ["B", 2, "P", 64]]], "outputs": []}
+    flops, moved = cost(decode, {"B": 4, "P": 100})
+    assert flops == 4 * (4 * 1 * 256) * (100 + 1)
+    assert moved == 2 * (4 * 256 + 4 * 2 * 100 * 64)
+
+
+def test_dim_expressions_read_S_as_a_symbol():
+    assert dim_value("P + S", {"P": 7, "S": 5}) == 12
+    assert dim_value("B*S", {"B": 3, "S": 4}) == 12
+    assert dim_value("S", {}) == 1  # a variable the point does not give is 1
+
+
+def test_token_count_is_a_product_of_distinct_symbols():
+    b, s, p = sympy.symbols("B S P")
+    assert _is_token_count(b * s) and _is_token_count(b)
+    assert not _is_token_count(b * s**2)
+    assert not _is_token_count(b * (p + 1))
+
+
+def test_parse_batch_items_and_errors():
+    assert parse_batch("prefill:2x3,decode:1x5") == [(3, 0), (3, 0), (1, 5)]
+    assert parse_batch("mixed:1x4+8, 2x1+3") == [(4, 8), (1, 3), (1, 3)]
+    for bad in ("", "prefill:2x3+1", "decode:2x3+1", "2y3", "prefill:0x3"):
+        with pytest.raises(UserError):
+            parse_batch(bad)
+
+
+def test_batch_values_pick_the_phase():
+    assert batch_values([(5, 0), (3, 0)], "padded|sdpa|bfloat16") == \
+        ("prefill", {"B": 2, "S": 5, "P": 0})
+    assert batch_values([(1, 9), (1, 4)], "padded|sdpa|bfloat16") == \
+        ("decode", {"B": 2, "S": 1, "P": 9})
+    assert batch_values([(4, 9)], "paged|sdpa|bfloat16")[1] == {"T": 4, "N": 1, "P": 9}
+
+
+@pytest.fixture(scope="module")
+def tiny_db(tmp_path_factory):
+    """A real CPU profile of a tiny Llama (every phase), fitted."""
+    path = tmp_path_factory.mktemp("predict") / "lat.db"
+    spec = tiny_spec("llama-3.1-8b")
+    engine = EngineProfile()
+    coll = collect([spec], engine, ["prefill", "decode", "mixed"])
+    env = environment("cpu")
+    with LatencyDB.open(path) as db:
+        profile(db, coll, env, Bounds(16, 2, 64), "cpu", "test", budget_ms=(0.5, 1.0))
+        first = fit_db(db, env.fingerprint)
+        again = fit_db(db, env.fingerprint)
+    return path, spec, env, coll, first, again
+
+
+def test_fit_db_fits_every_signature_once(tiny_db):
+    path, spec, env, coll, first, again = tiny_db
+    assert len(first.fitted) == len(coll.cases)
+    assert again.fitted == [] and again.unchanged == len(coll.cases)
+    with LatencyDB.open(path) as db:
+        fits = db.fits(env.fingerprint)
+    assert set(fits) == set(coll.cases)
+    for row in first.fitted:
+        stored = fits[row["signature"]]
+        assert stored["method"] == row["method"] and stored["n_points"] == row["n_points"]
+        assert stored["model"]["host_ms"] >= 0
+
+
+def test_predict_step_sums_count_times_unit_latency(tiny_db):
+    path, spec, env, coll, *_ = tiny_db
+    with LatencyDB.open(path) as db:
+        loaded = load(db, spec.name, env.fingerprint, EngineProfile().label)
+    step = predict_step(loaded, [(1, 32)] * 2)
+    assert (step.phase, step.values) == ("decode", {"B": 2, "S": 1, "P": 32})
+    q_proj = [u for u in step.units if u.role.endswith("q_proj")]
+    assert sum(u.count for u in q_proj) == 3 and all(u.point == {"m": 2} for u in q_proj)
+    assert step.gpu_ms == pytest.approx(sum(u.count * u.gpu_ms for u in step.units))
+    assert step.host_ms == pytest.approx(sum(u.count * u.host_ms for u in step.units))
+    assert step.total_ms == max(step.gpu_ms, step.host_ms)
+    prefill = predict_step(loaded, [(8, 0)] * 2)
+    (head,) = [u for u in prefill.units if u.kind == "lm_head"]
+    assert head.point == {"m": 2}  # logits of one token per sequence (binding m = B)
+    assert all(u.point == {"m": 16} for u in prefill.units if u.role.endswith("q_proj"))
+
+
+def test_flat_step_of_one_sequence_is_the_padded_step(tiny_db):
+    path, spec, env, *_ = tiny_db
+    with LatencyDB.open(path) as db:
+        loaded = load(db, spec.name, env.fingerprint, EngineProfile().label)
+    flat = FlatStepTime(loaded)
+    assert flat([(8, 0)]) * 1e3 == pytest.approx(predict_step(loaded, [(8, 0)]).total_ms)
+    assert flat([(8, 0), (4, 0)]) > flat([(8, 0)])
+
+
+def test_load_refuses_a_model_or_engine_not_profiled(tiny_db):
+    path, spec, env, *_ = tiny_db
+    with LatencyDB.open(path) as db, pytest.raises(UserError, match="not profiled"):
+        load(db, spec.name, env.fingerprint, EngineProfile(attn_impl="eager").label)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dooly_fx", *args], capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_predict_cli_json_contract_and_bad_batch(tiny_db, tmp_path):
+    path, spec, *_ = tiny_db
+    out = tmp_path / "step.json"
+    result = _cli("predict", spec.name, "--db", str(path), "--device", "cpu",
+                  "--batch", "decode:2x32", "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert report["total_ms"] == pytest.approx(max(report["gpu_ms"], report["host_ms"]))
+    assert {u["role"] for u in report["units"]} >= {"lm_head"}
+    assert all(u["gpu_ms"] > 0 for u in report["units"])
+    bad = _cli("predict", spec.name, "--db", str(path), "--device", "cpu", "--batch", "2y3")
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "bad batch" in bad.stderr
+
+
+def test_coverage_cli_reports_every_unit_with_plots(tiny_db, tmp_path):
+    path, spec, env, coll, *_ = tiny_db
+    out = tmp_path / "cov.json"
+    result = _cli("coverage", spec.name, "--db", str(path), "--device", "cpu",
+                  "--html", str(tmp_path / "html"), "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    (model,) = json.loads(out.read_text())["models"]
+    assert {u["signature"] for u in model["units"]} == set(coll.cases)
+    assert all(u["covered"] and u["method"] for u in model["units"])
+    assert sum(u["share"].get("decode", 0.0) for u in model["units"]) == pytest.approx(1.0)
+    page = tmp_path / "html" / spec.name / "index.html"
+    assert page.exists() and (page.parent / "fits_vs_measured.png").stat().st_size > 0
+
+
+def test_paged_engine_profiles_the_engines_own_attention_and_predicts_flat_steps(tmp_path):
+    """--engine paged: the attention unit is swept over (T, N, P) and timed as transformers'
+    `paged|eager` on its own PagedAttentionCache; a continuous-batching step is then predicted
+    at (T, N, mean cached) directly."""
+    spec = tiny_spec("llama-3.1-8b")
+    engine = EngineProfile(engine="paged", attn_impl="eager")
+    coll = collect([spec], engine, ["decode", "mixed"])
+    (attn,) = [c for c in coll.cases.values() if c.kind == "paged_attention"
+               and len(c.symbols) == 3]
+    assert sorted(attn.symbols) == ["N", "P", "T"] and attn.canonical["scalars"][0][-1] == "eager"
+    env = environment("cpu")
+    with LatencyDB.open(tmp_path / "lat.db") as db:
+        result = profile(db, coll, env, Bounds(8, 2, 64), "cpu", "test", budget_ms=(0.5, 1.0))
+        assert result.failed == 0 and result.measured > 0
+        fit_db(db, env.fingerprint)
+        loaded = load(db, spec.name, env.fingerprint, engine.label)
+    step = FlatStepTime(loaded)
+    # Two decodes with 32 cached tokens and a 4-token chunk on top of 32: T=6, N=3, P=32.
+    expected = predict_step(loaded, [(1, 32), (1, 32), (4, 32)])
+    assert expected.values == {"T": 6, "N": 3, "P": 32} and expected.phase == "mixed"
+    assert step([(1, 32), (1, 32), (4, 32)]) * 1e3 == pytest.approx(expected.total_ms)
+    assert step([(1, 16), (1, 48)]) * 1e3 == pytest.approx(
+        predict_step(loaded, [(1, 32), (1, 32)]).total_ms)  # mean cached: same keys read
