@@ -129,12 +129,14 @@ class VidurExport:
     """`kind: role` of token-wise units with no Vidur column."""
 
     def write(self, out: str | Path) -> tuple[Path, Path]:
-        """Write `mlp.csv` and `attention.csv` into folder `out` (created if its parent
-        exists); returns their paths."""
+        """Write `mlp.csv` and `attention.csv` into folder `out` (created with its parents,
+        as Vidur's `data/profiling/compute/<device>/<model>/` layout needs); returns their
+        paths."""
         folder = Path(out)
-        if not folder.parent.exists():
-            raise UserError(f"cannot write to {out}: folder {folder.parent} does not exist")
-        folder.mkdir(exist_ok=True)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"cannot create folder {out}: {exc.strerror}") from None
         paths = folder / "mlp.csv", folder / "attention.csv"
         for path, rows, columns in ((paths[0], self.mlp, mlp_header()),
                                     (paths[1], self.attention, attention_header())):

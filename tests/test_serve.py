@@ -195,7 +195,7 @@ def test_export_vidur_headers_times_and_agreement_with_predict(tiny_db, tmp_path
     from dooly_fx.predict import load, predict_step
 
     db_path, model = tiny_db
-    out = tmp_path / "vidur"
+    out = tmp_path / "h100" / "tiny"  # parents created
     code, text, _ = _cli(capsys, "export-vidur", model, "--db", str(db_path), "--device", "cpu",
                          "--out", str(out), "--max-tokens", "256", "--max-batch-size", "4")
     assert code == 0 and "mlp_up_proj" in text
