@@ -368,6 +368,9 @@ def _parser() -> argparse.ArgumentParser:
     from dooly_fx.cli_latency import add_verbs
 
     add_verbs(verbs, _engine_args)
+    from dooly_fx.cli_serve import add_verbs as add_serve_verbs
+
+    add_serve_verbs(verbs, _engine_args)
     return parser
 
 

@@ -20,7 +20,9 @@ def _environment(db: LatencyDB, device: str) -> dict:
     kind = "cuda" if device.startswith("cuda") else "cpu"
     envs = [e for e in db.environments() if e.get("device_type") == kind]
     if not envs:
-        raise UserError(f"{db.path}: no {kind} environment profiled in this DB")
+        have = ", ".join(f"{e['device']} ({e.get('device_type')})" for e in db.environments())
+        raise UserError(f"{db.path}: no {kind} environment profiled in this DB (it has: "
+                        f"{have or 'none'})")
     return envs[-1]
 
 

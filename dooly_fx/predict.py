@@ -157,6 +157,10 @@ def load(db: LatencyDB, model: str, env: str, engine: str) -> Loaded:
     (run `fit_db` first). A model that was never profiled there is a UserError."""
     rows = db.model_units(model, env, engine)
     if not rows:
+        engines = sorted(m["engine"] for m in db.models(env) if m["name"] == model)
+        if engines:
+            raise UserError(f"{model}: not profiled in this environment under engine {engine} "
+                            f"(its engines: {', '.join(engines)})")
         known = sorted({m["name"] for m in db.models(env)})
         raise UserError(f"{model}: not profiled in this environment under engine {engine} "
                         f"(profiled: {', '.join(known) or 'none'})")
@@ -331,7 +335,9 @@ class FlatStepTime:
             host += use.count * fit.host_ms
         return gpu, host
 
-    def _attention(self, phase: str, values: dict) -> tuple[float, float]:
+    def attention(self, phase: str, values: dict) -> tuple[float, float]:
+        """(GPU ms, host ms) of one step's attention-side units (every unit whose latency
+        depends on more than the token count) in `phase` at padded `values` (B, S, P)."""
         key = (phase, *sorted(values.items()))
         if key not in self._memo:
             regime = _regime(self.loaded, phase, values)
@@ -359,15 +365,15 @@ class FlatStepTime:
         decodes = [c for q, c in batch if q == 1 and c > 0]
         if decodes:
             mean = max(1, round(sum(decodes) / len(decodes) / bucket)) * bucket
-            g, h = self._attention("decode", {"B": len(decodes), "S": 1, "P": mean})
+            g, h = self.attention("decode", {"B": len(decodes), "S": 1, "P": mean})
             gpu, host = gpu + g, host + h
         for q, c in batch:
             if q == 1 and c > 0:
                 continue
             if c == 0:
-                g, h = self._attention("prefill", {"B": 1, "S": q, "P": 0})
+                g, h = self.attention("prefill", {"B": 1, "S": q, "P": 0})
             else:
-                g, h = self._attention("mixed", {"B": 1, "S": q,
+                g, h = self.attention("mixed", {"B": 1, "S": q,
                                                  "P": max(1, round(c / bucket)) * bucket})
             gpu, host = gpu + g, host + h
         return max(gpu, host) / 1e3

@@ -1,0 +1,302 @@
+"""CLI verbs of the serving stages: simulate, export-vidur (see docs/cli.md)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from rich.table import Table
+
+from dooly_fx.db import SHIPPED_DB, LatencyDB
+from dooly_fx.errors import UserError
+from dooly_fx.ui import err, out, write_json
+
+PRESET_NAMES = ("transformers", "transformers-prefill-first", "vllm")
+DEFAULT_SYNTHETIC_REQUESTS = 1000
+
+
+def _open_db(path: str | None) -> LatencyDB:
+    """The DB at `path`, or the DB shipped with the package (read-only)."""
+    if path is None:
+        return LatencyDB.open(SHIPPED_DB, create=False, readonly=True)
+    return LatencyDB.open(path, create=False)
+
+
+def _model_name(db: LatencyDB, ref: str) -> str:
+    """A model as the DB names it: the name itself, or the zoo name of an HF id."""
+    from dooly_fx.zoo import ZOO
+
+    if any(m["name"] == ref for m in db.models()):
+        return ref
+    return next((e.name for e in ZOO.values() if e.hf_id.lower() == ref.lower()), ref)
+
+
+def _loaded(db: LatencyDB, args: argparse.Namespace):
+    """(environment, Loaded) of the asked model, engine profile and device."""
+    from dooly_fx.cli_latency import _engine, _environment
+    from dooly_fx.predict import load
+
+    env = _environment(db, args.device)
+    loaded = load(db, _model_name(db, args.model), env["fingerprint"], _engine(args).label)
+    return env, loaded
+
+
+def _requests(args: argparse.Namespace) -> tuple[list, dict]:
+    """The workload's requests and a JSON description of it."""
+    from dooly_fx.workload import LengthDist, read_trace, synthetic
+
+    if args.trace:
+        reqs = read_trace(args.trace, args.num_requests)
+        return reqs, {"source": "trace", "trace": str(args.trace), "num_requests": len(reqs)}
+    n = args.num_requests or DEFAULT_SYNTHETIC_REQUESTS
+    reqs = synthetic(n, args.qps, args.arrival, args.cv, LengthDist.parse(args.prompt),
+                     LengthDist.parse(args.output), args.seed)
+    return reqs, {"source": "synthetic", "num_requests": n,
+                  "qps": None if math.isinf(args.qps) else args.qps, "arrival": args.arrival,
+                  "cv": args.cv, "prompt": args.prompt, "output": args.output, "seed": args.seed}
+
+
+def _scheduler(args: argparse.Namespace, db: LatencyDB, env: dict, loaded):
+    """The scheduler config, and how its KV cache was sized (JSON)."""
+    from dooly_fx.serving import kv_bytes_per_token, size_kv_cache, weight_bytes
+    from dooly_fx.simulate import preset
+
+    overrides = {k: getattr(args, k) for k in ("max_batch_tokens", "max_seqs", "block_size")
+                 if getattr(args, k) is not None}
+    cfg = preset(args.policy, **overrides)
+    if args.num_blocks is not None:
+        cfg = replace(cfg, num_blocks=args.num_blocks)
+        return cfg, {"source": "--num-blocks", "num_blocks": cfg.num_blocks,
+                     "block_size": cfg.block_size, "tokens": cfg.num_pages}
+    memory = env.get("memory_gib")
+    if not memory:
+        raise UserError(f"environment {env['device']} records no GPU memory size; pass "
+                        "--num-blocks")
+    sizing = size_kv_cache(loaded.model, float(memory) * 2**30, args.gpu_memory_fraction,
+                           weight_bytes(db, loaded.model, env["fingerprint"], loaded.engine),
+                           kv_bytes_per_token(loaded.config, args.dtype), cfg.block_size)
+    return replace(cfg, num_blocks=sizing.num_blocks), {"source": "memory", **sizing.to_json()}
+
+
+def cmd_simulate(args: argparse.Namespace) -> None:
+    """Simulate serving a workload on one GPU, with step times predicted from a latency DB.
+
+    Step times come from the model's fitted units (FlatStepTime: token-wise units over the
+    step's flattened tokens, attention per sequence). The KV cache is sized from the
+    environment's GPU memory unless --num-blocks is given. Without --db, the shipped H100 DB.
+
+        python -m dooly_fx simulate llama-3.1-8b --trace splitwise_conv.csv --num-requests 300
+        python -m dooly_fx simulate llama-3.1-8b --qps 4 --num-requests 500 \\
+            --prompt uniform:128:1024 --output 128 --policy vllm --json run.json
+        python -m dooly_fx simulate qwen2.5-7b --qps 8 --arrival gamma --cv 2 \\
+            --chrome-trace run.trace.json --plot run.png
+    """
+    from dooly_fx.predict import FlatStepTime
+    from dooly_fx.simulate import simulate
+
+    reqs, workload = _requests(args)
+    with _open_db(args.db) as db:
+        env, loaded = _loaded(db, args)
+        cfg, kv = _scheduler(args, db, env, loaded)
+    step_time = FlatStepTime(loaded)
+    started = time.perf_counter()
+    with err.status(f"simulating {len(reqs)} requests"):
+        result = simulate(reqs, step_time, cfg)
+    wall = time.perf_counter() - started
+    summary = result.summary()
+    payload = {**summary, "model": loaded.model, "device": env["device"],
+               "environment": env["fingerprint"], "engine": loaded.engine,
+               "step_time": "FlatStepTime", "workload": workload, "scheduler": asdict(cfg),
+               "kv_cache": kv, "wall_s": wall}
+    _print_simulation(payload)
+    if args.json:
+        write_json(args.json, payload)
+    if args.chrome_trace:
+        _writable(args.chrome_trace)
+        result.write_chrome_trace(args.chrome_trace)
+    if args.plot:
+        _plot(result, args.plot, f"{loaded.model} · {cfg.policy} · {env['device']}")
+
+
+def _writable(path: str) -> None:
+    parent = Path(path).parent
+    if not parent.exists():
+        raise UserError(f"cannot write {path}: folder {parent} does not exist")
+
+
+def _ms(x: float | None) -> str:
+    return "-" if x is None else f"{x * 1e3:,.1f}"
+
+
+def _print_simulation(p: dict) -> None:
+    table = Table(title=f"simulate · {p['model']} · {p['policy']} · {p['device']} · "
+                        f"{p['engine']}", title_justify="left")
+    for col in ("metric (ms)", "p50", "p90", "p99", "mean", "max"):
+        table.add_column(col, justify="left" if col.startswith("metric") else "right")
+    for key, label in (("ttft", "TTFT"), ("tpot", "TPOT"), ("e2e", "E2E"),
+                       ("queueing", "queueing")):
+        s = p[key]
+        table.add_row(label, *(_ms(s[k]) for k in ("p50", "p90", "p99", "mean", "max")))
+    out.print(table)
+    tp, kv, batch = p["throughput"], p["kv_cache"], p["batch"]
+    run = Table(show_header=False, title="run", title_justify="left")
+    run.add_column("what")
+    run.add_column("value", justify="right")
+    rows = [
+        ("requests", f"{p['num_requests']} ({p['completed']} completed, {p['rejected']} "
+                     f"rejected, {p['dropped']} dropped)"),
+        ("throughput", "-" if tp["requests_per_s"] is None else
+         f"{tp['requests_per_s']:.2f} req/s · {tp['output_tokens_per_s']:,.0f} output tok/s"),
+        ("simulated time", f"{tp['duration_s']:,.1f} s (busy {p['busy_s']:,.1f} s)"),
+        ("steps", f"{p['steps']} (mean {batch['mean_tokens'] or 0:.1f} tokens, "
+                  f"{batch['mean_seqs'] or 0:.1f} sequences)"),
+        ("preemptions", f"{p['preemptions']} ({p['preempted_requests']} requests)"),
+        ("KV cache", f"{kv['num_blocks']} blocks × {kv['block_size']} tokens, peak "
+                     f"{p['kv_blocks']['peak']} ({kv['source']})"),
+        ("wall time", f"{p['wall_s']:.2f} s"),
+    ]
+    for row in rows:
+        run.add_row(*row)
+    out.print(run)
+
+
+def _plot(result, path: str, title: str) -> None:
+    """PNG: CDFs of TTFT and TPOT, and KV blocks in use over simulated time."""
+    _writable(path)
+    try:
+        import matplotlib
+    except ImportError:
+        raise UserError("--plot needs matplotlib (pip install matplotlib)") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4), layout="constrained")
+    for ax, values, name in ((axes[0], result.ttft, "TTFT"), (axes[1], result.tpot, "TPOT")):
+        x = np.sort(values[np.isfinite(values)]) * 1e3
+        if x.size:
+            ax.plot(x, np.arange(1, x.size + 1) / x.size)
+        ax.set(xlabel=f"{name} (ms)", ylabel="fraction of requests", title=f"{name} CDF")
+        ax.grid(alpha=0.3)
+    start, blocks = result.kv_usage()
+    axes[2].step(start, blocks / result.config.num_blocks, where="post")
+    axes[2].set(xlabel="simulated time (s)", ylabel="KV blocks in use (fraction)",
+                title="KV cache usage", ylim=(0, 1.05))
+    axes[2].grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def cmd_export_vidur(args: argparse.Namespace) -> None:
+    """Write Vidur's mlp.csv and attention.csv for a model from the DB's fits, at Vidur's own
+    profiling grids (times are predictions in GPU ms; see docs/cli.md for the mapping).
+
+        python -m dooly_fx export-vidur llama-3.1-8b --out vidur/h100/meta-llama/Llama-3.1-8B
+        python -m dooly_fx export-vidur qwen2.5-7b --db lat.db --out out/ --max-tokens 8192
+    """
+    from dooly_fx.vidur import MLP_OPS, export_vidur
+
+    with _open_db(args.db) as db:
+        env, loaded = _loaded(db, args)
+    export = export_vidur(loaded, args.max_tokens, args.max_batch_size, args.block_size)
+    mlp_path, attn_path = export.write(args.out)
+    table = Table(title=f"export-vidur · {loaded.model} · {env['device']} · {loaded.engine}",
+                  title_justify="left")
+    grid = [export.mlp[0]["num_tokens"], *[r["num_tokens"] for r in export.mlp
+                                          if r["num_tokens"] == 512], export.mlp[-1]["num_tokens"]]
+    grid = list(dict.fromkeys(grid))
+    table.add_column("Vidur op")
+    table.add_column("our units")
+    for n in grid:
+        table.add_column(f"ms @ {n} tok", justify="right")
+    by_tokens = {r["num_tokens"]: r for r in export.mlp}
+    for op in MLP_OPS:
+        roles = [r.removeprefix("model.layers.*.") for r in export.mapping.get(op, [])]
+        none = "- (inside attention units)" if op == "attn_rope" else "-"
+        table.add_row(op, ", ".join(roles) or none,
+                      *(f"{by_tokens[n][f'time_stats.{op}.median']:.4f}" for n in grid))
+    out.print(table)
+    out.print(f"{mlp_path}: {len(export.mlp)} rows (per layer; emb per step) · {attn_path}: "
+              f"{len(export.attention)} rows · not exported: "
+              f"{', '.join(export.skipped) or 'nothing'}")
+    if args.json:
+        write_json(args.json, {"model": loaded.model, "device": env["device"],
+                               "environment": env["fingerprint"], "engine": loaded.engine,
+                               "files": {"mlp": str(mlp_path), "attention": str(attn_path)},
+                               "rows": {"mlp": len(export.mlp),
+                                        "attention": len(export.attention)},
+                               "mapping": export.mapping, "not_exported": export.skipped})
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def add_verbs(verbs, engine_args) -> None:
+    """Register this module's verbs on the main parser's subparsers."""
+    sim = verbs.add_parser("simulate", help="simulate serving a workload with predicted steps",
+                           description=cmd_simulate.__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    sim.add_argument("model", metavar="MODEL")
+    sim.add_argument("--db", metavar="FILE", help="latency DB (default: the shipped H100 DB)")
+    sim.add_argument("--device", default="cuda", choices=("cpu", "cuda"),
+                     help="which of the DB's environments to predict for")
+    engine_args(sim)
+    work = sim.add_argument_group("workload (one of --trace, --qps)")
+    source = work.add_mutually_exclusive_group(required=True)
+    source.add_argument("--trace", metavar="CSV",
+                        help="arrived_at,num_prefill_tokens,num_decode_tokens per request")
+    source.add_argument("--qps", type=float, metavar="X",
+                        help="synthetic arrivals at this mean rate (inf: all at once)")
+    work.add_argument("--num-requests", type=_positive_int, metavar="N",
+                      help=f"first N trace rows; synthetic: N requests "
+                           f"(default {DEFAULT_SYNTHETIC_REQUESTS})")
+    work.add_argument("--prompt", default="uniform:128:1024", metavar="DIST",
+                      help="synthetic prompt lengths: N, uniform:LO:HI or trace:CSV:prompt")
+    work.add_argument("--output", default="128", metavar="DIST",
+                      help="synthetic output lengths (same forms; default 128)")
+    work.add_argument("--arrival", default="poisson", choices=("poisson", "gamma"))
+    work.add_argument("--cv", type=float, default=1.0,
+                      help="gamma arrivals: coefficient of variation of the gaps")
+    work.add_argument("--seed", type=int, default=0)
+    sched = sim.add_argument_group("scheduler")
+    sched.add_argument("--policy", default="transformers", choices=PRESET_NAMES,
+                       help="scheduler preset (default: transformers)")
+    sched.add_argument("--max-batch-tokens", type=_positive_int, metavar="N")
+    sched.add_argument("--max-seqs", type=_positive_int, metavar="N")
+    sched.add_argument("--block-size", type=_positive_int, metavar="N")
+    sched.add_argument("--num-blocks", type=_positive_int, metavar="N",
+                       help="KV-cache blocks (default: sized from GPU memory)")
+    sched.add_argument("--gpu-memory-fraction", type=float, default=0.9, metavar="F",
+                       help="share of GPU memory for weights + KV cache (default 0.9)")
+    sim.add_argument("--json", metavar="FILE", help="write the summary as JSON")
+    sim.add_argument("--chrome-trace", metavar="FILE", help="write a Chrome/Perfetto trace")
+    sim.add_argument("--plot", metavar="PNG", help="plot TTFT/TPOT CDFs and KV usage")
+    sim.set_defaults(func=cmd_simulate)
+
+    vid = verbs.add_parser("export-vidur", help="write Vidur's mlp.csv and attention.csv",
+                           description=cmd_export_vidur.__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    vid.add_argument("model", metavar="MODEL")
+    vid.add_argument("--db", metavar="FILE", help="latency DB (default: the shipped H100 DB)")
+    vid.add_argument("--device", default="cuda", choices=("cpu", "cuda"))
+    engine_args(vid)
+    vid.add_argument("--out", required=True, metavar="DIR", help="folder for the two CSVs")
+    vid.add_argument("--max-tokens", type=_positive_int, default=4096, metavar="N",
+                     help="largest num_tokens and context (Vidur's max_model_len; default 4096)")
+    vid.add_argument("--max-batch-size", type=_positive_int, default=128, metavar="N",
+                     help="largest decode batch in attention.csv (default 128)")
+    vid.add_argument("--block-size", type=_positive_int, default=16, metavar="N",
+                     help="block_size column; must match Vidur's scheduler (default 16)")
+    vid.add_argument("--json", metavar="FILE", help="write what was exported as JSON")
+    vid.set_defaults(func=cmd_export_vidur)

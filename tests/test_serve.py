@@ -1,0 +1,265 @@
+"""Serving verbs: `simulate` on the shipped DB, `export-vidur` from a tiny CPU profile, and the
+weight / KV-cache sizing they rest on."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from dooly_fx.cli import main
+from dooly_fx.db import SHIPPED_DB, LatencyDB
+from dooly_fx.errors import UserError
+from dooly_fx.serving import kv_bytes_per_token, size_kv_cache, unit_weight_bytes, weight_bytes
+from dooly_fx.vidur import attention_header, num_tokens_grid
+
+from tiny import tiny_spec
+
+SHARED = Path("/work/shared/data")
+TRACE = SHARED / "traces" / "splitwise_conv.csv"
+VIDUR_MLP = SHARED / "vidur_profiles" / "h100" / "Llama-2-7b-hf.mlp.csv"
+H100_ENV = "dc371c01ad193bd855816ee036af5899d677d52b6cda860135be371723e67822"
+ENGINE = "padded|sdpa|bfloat16"
+
+
+def _cli(capsys, *args: str) -> tuple[int, str, str]:
+    code = main([*args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _one_line_error(capsys, *args: str) -> str:
+    code, _, err = _cli(capsys, *args)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+def _ordered(stats: dict) -> None:
+    assert 0 < stats["p50"] <= stats["p90"] <= stats["p99"] <= stats["max"]
+
+
+# --- simulate on the shipped DB ------------------------------------------------------------
+
+
+def test_simulate_synthetic_json_contract_and_kv_sizing(tmp_path, capsys):
+    path = tmp_path / "run.json"
+    code, out, _ = _cli(capsys, "simulate", "llama-3.1-8b", "--qps", "4", "--num-requests", "20",
+                        "--prompt", "uniform:64:512", "--output", "16", "--json", str(path))
+    assert code == 0 and "TTFT" in out and "TPOT" in out
+    run = json.loads(path.read_text())
+    assert run["num_requests"] == 20 and run["completed"] == 20 and run["rejected"] == 0
+    for key in ("ttft", "tpot", "e2e"):
+        _ordered(run[key])
+    assert run["tpot"]["p50"] < run["e2e"]["p50"]
+    assert run["model"] == "llama-3.1-8b" and run["engine"] == ENGINE
+    assert run["scheduler"]["policy"] == "transformers-fifo"
+    # (79.2 GiB x 0.9 - 8.03e9 bf16 parameters) / (2 x 32 layers x 8 KV heads x 128 x 2 bytes
+    # per token x 256 tokens per block)
+    kv = run["kv_cache"]
+    with LatencyDB.open(SHIPPED_DB, create=False, readonly=True) as db:
+        weights = weight_bytes(db, "llama-3.1-8b", H100_ENV, ENGINE)
+    assert 8.02e9 < weights / 2 < 8.04e9
+    assert kv["kv_bytes_per_token"] == 2 * 32 * 8 * 128 * 2
+    assert kv["num_blocks"] == int((79.2 * 2**30 * 0.9 - weights) // (131072 * 256))
+    assert run["scheduler"]["num_blocks"] == kv["num_blocks"]
+
+
+def test_simulate_replays_the_first_50_trace_rows(tmp_path, capsys):
+    files = {k: tmp_path / f"run.{k}" for k in ("json", "trace.json", "png")}
+    code, _, _ = _cli(capsys, "simulate", "llama-3.1-8b", "--trace", str(TRACE),
+                      "--num-requests", "50", "--policy", "vllm", "--json", str(files["json"]),
+                      "--chrome-trace", str(files["trace.json"]), "--plot", str(files["png"]))
+    assert code == 0
+    run = json.loads(files["json"].read_text())
+    assert run["num_requests"] == 50 and run["completed"] == 50
+    assert run["workload"] == {"source": "trace", "trace": str(TRACE), "num_requests": 50}
+    assert run["scheduler"]["block_size"] == 16 and run["kv_cache"]["block_size"] == 16
+    _ordered(run["ttft"])
+    _ordered(run["tpot"])
+    events = json.loads(files["trace.json"].read_text())["traceEvents"]
+    assert sum(e["ph"] == "X" for e in events) == run["steps"]
+    assert files["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_request_longer_than_the_cache_is_rejected_not_hung(capsys, tmp_path):
+    path = tmp_path / "run.json"
+    code, _, _ = _cli(capsys, "simulate", "llama-3.1-8b", "--qps", "inf", "--num-requests", "5",
+                      "--prompt", "40", "--output", "8", "--num-blocks", "2", "--block-size",
+                      "16", "--json", str(path))
+    run = json.loads(path.read_text())
+    assert code == 0 and run["rejected"] == 5 and run["completed"] == 0 and run["steps"] == 0
+    assert run["ttft"]["p50"] is None
+
+
+def test_model_not_in_db_is_one_line_listing_the_db(capsys):
+    line = _one_line_error(capsys, "simulate", "gpt-9", "--qps", "1")
+    assert "gpt-9" in line and "llama-3.1-8b" in line and "qwen3-8b" in line
+    line = _one_line_error(capsys, "simulate", "llama-3.1-8b", "--engine", "paged", "--qps", "1")
+    assert "padded|sdpa|bfloat16" in line
+    line = _one_line_error(capsys, "simulate", "llama-3.1-8b", "--device", "cpu", "--qps", "1")
+    assert "no cpu environment" in line and "H100" in line
+
+
+def test_malformed_trace_and_oversized_model_are_one_line_errors(tmp_path, capsys):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("arrived_at,num_prefill_tokens,num_decode_tokens\n0.0,10,5\n0.5,abc,3\n")
+    line = _one_line_error(capsys, "simulate", "llama-3.1-8b", "--trace", str(bad))
+    assert "bad.csv:3" in line and "num_prefill_tokens" in line
+    line = _one_line_error(capsys, "simulate", "llama-3.1-70b", "--qps", "1")
+    assert "does not fit" in line
+
+
+# --- weights and KV-cache sizing -----------------------------------------------------------
+
+
+def _hand_made_db(path: Path, tied: bool) -> LatencyDB:
+    """A model of 2 layers, hidden 8, vocab 16, in two sliding-window regimes."""
+    db = LatencyDB.open(path)
+    db.add_environment("env", "gpu", {"device_type": "cuda", "memory_gib": 1.0})
+    sigs = {
+        "emb": ("embedding", {"inputs": [["bfloat16", [16, 8]], ["int64", ["m"]]]}),
+        "norm": ("norm", {"inputs": [["bfloat16", ["m", 8]], ["float32", [8]]]}),
+        "qkv": ("gemm", {"inputs": [["bfloat16", ["m", 8]], ["bfloat16", [24, 8]],
+                                    ["bfloat16", [24]]]}),
+        "attn": ("attention", {"inputs": [["bfloat16", ["B", "S", 8]], ["bfloat16", [0]],
+                                          ["symint", ["P"]], ["bfloat16", [1, "S", 4]]]}),
+        "head": ("lm_head", {"inputs": [["bfloat16", ["m", 8]], ["bfloat16", [16, 8]]]}),
+    }
+    db.add_signatures((k, kind, json.dumps({"kind": kind, **c})) for k, (kind, c) in sigs.items())
+    units = [(regime, role, key, count) for regime in ("window<", "window>=") for role, key, count
+             in (("embed_tokens", "emb", 1), ("layers.*.norm", "norm", 2), ("qkv", "qkv", 2),
+                 ("attn", "attn", 2), ("lm_head", "head", 1))]
+    db.set_model("toy", "env", ENGINE, {"tie_word_embeddings": tied},
+                 [("prefill", regime, role, key, count, {}) for regime, role, key, count in units]
+                 + [("decode", "", "extra", "qkv", 5, {})])
+    return db
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_weight_bytes_exact_on_a_hand_made_model(tmp_path, tied):
+    with _hand_made_db(tmp_path / "toy.db", tied) as db:
+        got = weight_bytes(db, "toy", "env", ENGINE)
+    emb, norm, qkv, head = 16 * 8 * 2, 8 * 4, (24 * 8 + 24) * 2, 16 * 8 * 2
+    # One regime counted; decode units ignored; a tied LM head reads the embedding's matrix.
+    assert got == emb + 2 * norm + 2 * qkv + (0 if tied else head)
+    assert unit_weight_bytes({"inputs": [["bfloat16", ["B", "S", 8]], ["symint", []]]}) == 0
+
+
+def test_kv_bytes_per_token_and_cache_blocks():
+    qwen = {"num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
+            "hidden_size": 3584}  # no head_dim: hidden / heads = 128
+    assert kv_bytes_per_token(qwen, "bfloat16") == 2 * 28 * 4 * 128 * 2
+    assert kv_bytes_per_token({**qwen, "head_dim": 64}, "float32") == 2 * 28 * 4 * 64 * 4
+    sizing = size_kv_cache("m", 1000.0, 0.5, 100, 10, 4)
+    assert sizing.num_blocks == (500 - 100) // 40 and sizing.cache_bytes == 400
+    with pytest.raises(UserError, match="does not fit"):
+        size_kv_cache("m", 1000.0, 0.5, 480, 10, 4)
+    with pytest.raises(UserError, match="kv_bytes|num_hidden_layers"):
+        kv_bytes_per_token({"hidden_size": 8}, "bfloat16")
+
+
+# --- export-vidur from a tiny CPU profile ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_db(tmp_path_factory):
+    """A real CPU profile (tiny Llama, every phase) with its fits."""
+    from dooly_fx.engine import EngineProfile
+    from dooly_fx.predict import fit_db
+    from dooly_fx.profile import collect, environment, profile, record_models
+    from dooly_fx.sweep import Bounds
+
+    path = tmp_path_factory.mktemp("tiny") / "cpu.db"
+    spec = tiny_spec("llama-3.1-8b")
+    coll = collect([spec], EngineProfile(), ["prefill", "decode", "mixed"])
+    with LatencyDB.open(path) as db:
+        env = environment("cpu")
+        result = profile(db, coll, env, Bounds(16, 2, 64), "cpu", "test", budget_ms=(1.0, 2.0))
+        assert result.failed == 0
+        record_models(db, coll, env)
+        fit_db(db, env.fingerprint)
+    return path, spec.name
+
+
+def _rows(path: Path) -> tuple[list[str], list[dict]]:
+    with path.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        return list(reader.fieldnames or []), list(reader)
+
+
+def test_export_vidur_headers_times_and_agreement_with_predict(tiny_db, tmp_path, capsys):
+    from dooly_fx.predict import load, predict_step
+
+    db_path, model = tiny_db
+    out = tmp_path / "h100" / "tiny"  # parents created
+    code, text, _ = _cli(capsys, "export-vidur", model, "--db", str(db_path), "--device", "cpu",
+                         "--out", str(out), "--max-tokens", "256", "--max-batch-size", "4")
+    assert code == 0 and "mlp_up_proj" in text
+    mlp_header, mlp = _rows(out / "mlp.csv")
+    attn_header, attn = _rows(out / "attention.csv")
+    with VIDUR_MLP.open() as fh:
+        assert mlp_header == next(csv.reader(fh))
+    assert attn_header == attention_header()
+    assert attn_header[:25:5] == [f"time_stats.{op}.min" for op in (
+        "attn_input_reshape", "attn_kv_cache_save", "attn_prefill", "attn_decode",
+        "attn_output_reshape")]
+    assert [int(r["num_tokens"]) for r in mlp] == num_tokens_grid(256)
+    mapped = ("emb", "input_layernorm", "attn_pre_proj", "attn_post_proj",
+              "post_attention_layernorm", "mlp_up_proj", "mlp_act", "mlp_down_proj", "add")
+    assert all(float(r[f"time_stats.{op}.median"]) > 0 for r in mlp for op in mapped)
+    assert {r["n_embd"] for r in mlp} == {"64"} and {r["use_gated_mlp"] for r in mlp} == {"True"}
+    prefills = [r for r in attn if r["is_prefill"] == "True"]
+    decodes = [r for r in attn if r["is_prefill"] == "False"]
+    assert any(int(r["kv_cache_size"]) > 0 for r in prefills)  # chunked prefills
+    assert all(float(r["time_stats.attn_prefill.median"]) > 0 for r in prefills)
+    assert all(float(r["time_stats.attn_decode.median"]) > 0 for r in decodes)
+    assert {int(r["batch_size"]) for r in decodes} == {1, 2, 3, 4}
+
+    # Every mlp row is `predict` of the same units at one sequence of num_tokens new tokens,
+    # per layer; attention rows are the units of the matching step whose latency depends on
+    # more than the token count.
+    with LatencyDB.open(db_path, create=False) as db:
+        (env,) = db.environments()
+        loaded = load(db, model, env["fingerprint"], ENGINE)
+    layers = loaded.config["num_hidden_layers"]
+    ops = {"attn_pre_proj": ("q_proj", "k_proj", "v_proj"), "attn_post_proj": ("o_proj",),
+           "mlp_up_proj": ("gate_proj", "up_proj"), "mlp_act": ("act_fn",),
+           "mlp_down_proj": ("down_proj",), "input_layernorm": ("input_layernorm",)}
+    for row in (mlp[0], mlp[4], mlp[-1]):
+        step = predict_step(loaded, [(int(row["num_tokens"]), 0)])
+        for op, leaves in ops.items():
+            want = sum(u.count * u.gpu_ms for u in step.units
+                       if u.role.rsplit(".", 1)[-1] in leaves) / layers
+            assert float(row[f"time_stats.{op}.median"]) == pytest.approx(want, rel=1e-9)
+        emb = sum(u.gpu_ms for u in step.units if u.kind == "embedding")
+        assert float(row["time_stats.emb.median"]) == pytest.approx(emb, rel=1e-9)
+    for row in (decodes[0], decodes[-1]):
+        batch = [(1, int(row["kv_cache_size"]))] * int(row["batch_size"])
+        step = predict_step(loaded, batch)
+        want = sum(u.count * u.gpu_ms for u in step.units
+                   if set(u.point) - {"m", "skew"}) / layers
+        assert float(row["time_stats.attn_decode.median"]) == pytest.approx(want, rel=1e-9)
+
+
+def test_vidur_grids_match_vidur():
+    with VIDUR_MLP.open() as fh:
+        tokens = sorted({int(r["num_tokens"]) for r in csv.DictReader(fh)})
+    assert num_tokens_grid(4096) == tokens
+    assert num_tokens_grid(10) == [1, 2, 4, 8]
+
+
+def test_simulate_on_a_cpu_profile_needs_the_cache_size(tiny_db, tmp_path, capsys):
+    db_path, model = tiny_db
+    args = ("simulate", model, "--db", str(db_path), "--device", "cpu", "--qps", "50",
+            "--num-requests", "10", "--prompt", "uniform:4:16", "--output", "4")
+    assert "--num-blocks" in _one_line_error(capsys, *args)
+    path = tmp_path / "run.json"
+    code, _, _ = _cli(capsys, *args, "--num-blocks", "4", "--block-size", "16", "--json",
+                      str(path))
+    run = json.loads(path.read_text())
+    assert code == 0 and run["completed"] == 10 and run["kv_cache"]["source"] == "--num-blocks"
+    _ordered(run["ttft"])
