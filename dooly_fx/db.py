@@ -187,11 +187,11 @@ class LatencyDB:
                 _check_schema(conn, path)
                 return cls(path, conn)
             conn.execute("PRAGMA busy_timeout = 60000")
-            if exists:
+            if exists and not _being_created(conn):
                 _check_schema(conn, path)
-                conn.execute("PRAGMA journal_mode = WAL")
+                conn.execute("PRAGMA journal_mode = WAL").fetchall()  # finish: no open snapshot
             else:
-                conn.execute("PRAGMA journal_mode = WAL")
+                conn.execute("PRAGMA journal_mode = WAL").fetchall()  # finish: no open snapshot
                 with _transaction(conn, immediate=True):
                     if not _has_table(conn, "meta"):  # another process may have just made it
                         for statement in _SCHEMA.split(";"):
@@ -426,6 +426,16 @@ def _transaction(conn: sqlite3.Connection, immediate: bool = False) -> Iterator[
         conn.execute("ROLLBACK")
         raise
     conn.execute("COMMIT")
+
+
+def _being_created(conn: sqlite3.Connection) -> bool:
+    """An SQLite file with no tables yet: another profiler has just made it and holds the
+    write lock while it creates the schema (the create path waits for that, then sees it)."""
+    try:
+        # fetchall: finish the statement, so no read snapshot outlives this check
+        return conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchall()[0][0] == 0
+    except sqlite3.DatabaseError:
+        return False  # not readable as SQLite: the schema check says why
 
 
 def _has_table(conn: sqlite3.Connection, name: str) -> bool:

@@ -195,3 +195,27 @@ def test_v1_db_is_refused_then_upgraded_in_place(tmp_path):
         assert db.conn.execute("SELECT env FROM runs").fetchone()[0] == new_env
         assert json.loads(db.conn.execute("SELECT info FROM environments").fetchone()[0]) == \
             {"device": "cpu"}
+
+
+def test_a_db_file_another_profiler_is_still_creating_is_opened_not_refused(tmp_path):
+    """Regression: two profilers started on a new DB at once; the second found the file with
+    no tables yet (the first holding the write lock to create them) and refused it as 'not a
+    dooly_fx latency DB'. It now waits for the lock and opens the finished DB."""
+    path = tmp_path / "lat.db"
+    first = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    first.execute("PRAGMA journal_mode = WAL").fetchall()
+    first.execute("BEGIN IMMEDIATE")
+
+    def finish_creating() -> None:
+        time.sleep(0.5)
+        first.execute("COMMIT")
+
+    import threading
+
+    thread = threading.Thread(target=finish_creating)
+    thread.start()
+    with LatencyDB.open(path) as db:
+        meta = dict(db.conn.execute("SELECT key, value FROM meta").fetchall())
+    thread.join()
+    first.close()
+    assert meta["app"] == "dooly_fx latency db"
