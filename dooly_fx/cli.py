@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 
 from rich.markup import escape
 from rich.table import Table
@@ -184,20 +185,40 @@ def cmd_profile(args: argparse.Namespace) -> None:
         with _progress(eta=True) as progress:
             task = progress.add_task(f"profile on {env.device}", total=total)
             advance = lambda: progress.advance(task)  # noqa: E731
+            interrupted = "interrupted: measured points are saved; run the same command " \
+                "again to finish the rest"
             try:
                 if len(devices) > 1:
                     results = spawn_workers([s.name for s in specs], engine, phases, bounds,
                                             args.db, devices, command_line(), advance, budget)
                 else:
-                    results = [profile(db, coll, env, bounds, devices[0], command_line(),
-                                       on_point=advance, budget_ms=budget)]
+                    # Ctrl-C only raises a flag that the profiler reads between points: a
+                    # KeyboardInterrupt raised inside a finaliser would be swallowed.
+                    with _stop_on_sigint() as stop:
+                        results = [profile(db, coll, env, bounds, devices[0], command_line(),
+                                           on_point=advance, budget_ms=budget, stop=stop)]
+                    if results[0].interrupted:
+                        raise UserError(interrupted)
             except KeyboardInterrupt:
-                raise UserError("interrupted: measured points are saved; run the same command "
-                                "again to finish the rest") from None
+                raise UserError(interrupted) from None
         after = plan(db, coll, env, bounds, [s.name for s in specs])
     if args.json:
         _write_json(args.json, after)
     _print_profile(results, before, after)
+
+
+@contextmanager
+def _stop_on_sigint():
+    """SIGINT sets a flag instead of raising; yields the function that reads it."""
+    import signal
+    import threading
+
+    flag = threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda *_: flag.set())
+    try:
+        yield flag.is_set
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _grids(coll, bounds):

@@ -294,6 +294,7 @@ class ProfileResult:
     oom: int = 0
     device_seconds: float = 0.0
     errors: list[str] = field(default_factory=list)
+    interrupted: bool = False
 
 
 def record_models(db: LatencyDB, coll: Collection, env: Env) -> None:
@@ -308,10 +309,13 @@ def record_models(db: LatencyDB, coll: Collection, env: Env) -> None:
 
 def profile(db: LatencyDB, coll: Collection, env: Env, bounds: Bounds, device: str,
             command: str, on_point: Callable[[], None] | None = None,
-            batch: int = 8, budget_ms: tuple[float, float] = (25.0, 100.0)) -> ProfileResult:
+            batch: int = 8, budget_ms: tuple[float, float] = (25.0, 100.0),
+            stop: Callable[[], bool] | None = None) -> ProfileResult:
     """Measure every missing point of every case on `device`; safe to run concurrently.
 
-    `budget_ms` is the (warm-up, repetition) time budget of each point.
+    `budget_ms` is the (warm-up, repetition) time budget of each point. `stop()` is asked
+    between points: once it says yes, the batch in hand is stored, its other claims are given
+    back, and the run ends as `interrupted` (`result.interrupted`).
     """
     record_models(db, coll, env)
     run_id = db.start_run(env.fingerprint, command)
@@ -321,6 +325,9 @@ def profile(db: LatencyDB, coll: Collection, env: Env, bounds: Bounds, device: s
         for case in coll.cases.values():
             todo = [canonical_point(p) for p in points(case.canonical, bounds)]
             for start in range(0, len(todo), batch):
+                if stop is not None and stop():
+                    result.interrupted, status = True, "interrupted"
+                    return result
                 claimed = db.claim(env.fingerprint, case.key, todo[start:start + batch], run_id)
                 skipped = len(todo[start:start + batch]) - len(claimed)
                 for _ in range(skipped):
@@ -328,7 +335,7 @@ def profile(db: LatencyDB, coll: Collection, env: Env, bounds: Bounds, device: s
                         on_point()
                 if claimed:
                     _measure_batch(db, case, claimed, env, device, run_id, result, on_point,
-                                   budget_ms)
+                                   budget_ms, stop)
     except BaseException:
         status = "interrupted"
         raise
@@ -337,11 +344,14 @@ def profile(db: LatencyDB, coll: Collection, env: Env, bounds: Bounds, device: s
     return result
 
 
-def _measure_batch(db, case, claimed, env, device, run_id, result, on_point, budget_ms) -> None:
+def _measure_batch(db, case, claimed, env, device, run_id, result, on_point, budget_ms,
+                   stop=None) -> None:
     results: list[tuple[str, Timing | str]] = []
     started = time.perf_counter()
     try:
         for text in claimed:
+            if stop is not None and stop():
+                break  # the finally stores what was measured and gives back the rest
             results.append((text, _measure_point(case, json.loads(text), device, budget_ms)))
             if on_point:
                 on_point()
