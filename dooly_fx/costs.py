@@ -17,7 +17,6 @@ from collections.abc import Callable
 from functools import cache
 
 import sympy
-import torch
 
 Point = dict[str, float]
 Tensor = tuple[str, list[int]]
@@ -59,8 +58,17 @@ def dim_value(dim: int | str, point: Point) -> int:
     return int(fn(*(point.get(n, 1) for n in names)))
 
 
-@cache
+ITEMSIZE = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2, "int64": 8, "int32": 4,
+            "int16": 2, "int8": 1, "uint8": 1, "bool": 1, "float8_e4m3fn": 1, "float8_e5m2": 1,
+            "complex64": 8}
+
+
 def itemsize(dtype: str) -> int:
+    """Bytes per element of a dtype named as in a signature (`bfloat16`)."""
+    if dtype in ITEMSIZE:
+        return ITEMSIZE[dtype]
+    import torch  # a dtype outside the table
+
     return torch.empty((), dtype=getattr(torch, dtype)).element_size()
 
 

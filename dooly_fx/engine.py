@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 PHASES = ("prefill", "decode", "mixed")
 ENGINES = ("padded", "paged")
 ATTN_IMPLS = ("sdpa", "eager")
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+_DTYPES = ("bfloat16", "float16", "float32")
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,9 @@ class EngineProfile:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return _DTYPES[self.dtype]
+        import torch  # imported here: the simulator and `predict` never need it
+
+        return getattr(torch, self.dtype)
 
     @property
     def attn_backend_name(self) -> str:

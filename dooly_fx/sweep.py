@@ -13,8 +13,7 @@ from dataclasses import dataclass
 
 import sympy
 
-from dooly_fx.passes.signature import TOKEN_VAR
-from dooly_fx.symbols import REQUEST_SYMBOLS, named
+from dooly_fx.names import REQUEST_SYMBOLS, TOKEN_VAR
 
 TOKEN_GRID = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536,
               2048, 3072, 4096, 6144, 8192, 12288, 16384, 24576, 32768)
@@ -98,6 +97,8 @@ def realise(unit_symbols: list[str], point: dict[str, int]) -> dict[sympy.Symbol
     way. Symbols the signature does not depend on (a tensor read only for one dimension of its
     shape) are 1 as well.
     """
+    from dooly_fx.symbols import named  # capture-side machinery: torch
+
     values = {named(k): v for k, v in point.items() if k in REQUEST_SYMBOLS}
     if TOKEN_VAR in point:
         names = list(unit_symbols)

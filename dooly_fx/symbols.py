@@ -22,14 +22,6 @@ import torch
 from torch._dynamo.source import ConstantSource
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
 
-REQUEST_SYMBOLS: dict[str, str] = {
-    "B": "sequences in the batch (padded layout)",
-    "S": "new tokens per sequence (padded layout)",
-    "P": "cached tokens per sequence before the step (padded layout)",
-    "T": "new tokens over all sequences (flattened layout)",
-    "N": "sequences in the step (flattened layout)",
-}
-
 # Example sizes used while tracing. Guards are evaluated against them, so they must be >= 2
 # (0 and 1 specialise) and distinct from each other; they never reach a label or a signature.
 REQUEST_HINTS: dict[str, int] = {"B": 3, "S": 17, "P": 29, "T": 37, "N": 5}
@@ -91,7 +83,7 @@ class SymbolTable:
         return self.shape_env.create_symintnode(sym, hint=value, source=source)
 
     def request(self, name: str) -> torch.SymInt:
-        """A request symbol from REQUEST_SYMBOLS."""
+        """A request symbol from `names.REQUEST_SYMBOLS`."""
         return self.new(name, REQUEST_HINTS[name], "request")
 
     def rename(self, expr: sympy.Expr) -> sympy.Expr:

@@ -26,13 +26,13 @@ import sympy
 import torch
 import torch.fx
 
+from dooly_fx.names import TOKEN_VAR
 from dooly_fx.passes.partition import OpUnit, kernel_ops, unit_inputs, unit_outputs
 from dooly_fx.passes.taint import META_KEY as TAINT_KEY
 from dooly_fx.passes.taint import Config, Mixed, Request, TensorLabel
 
 TOKENWISE = {"gemm", "lm_head", "norm", "act", "act_mul", "residual", "rotary", "embedding",
              "router", "moe_experts", "elementwise", "gather"}
-TOKEN_VAR = "m"
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,17 @@
+"""Request-variable names, torch-free (the simulator and `predict` import only these).
+
+`symbols.py` builds the SymPy/ShapeEnv machinery on top of them for capture.
+"""
+
+from __future__ import annotations
+
+REQUEST_SYMBOLS: dict[str, str] = {
+    "B": "sequences in the batch (padded layout)",
+    "S": "new tokens per sequence (padded layout)",
+    "P": "cached tokens per sequence before the step (padded layout)",
+    "T": "new tokens over all sequences (flattened layout)",
+    "N": "sequences in the step (flattened layout)",
+}
+
+TOKEN_VAR = "m"
+"""The one variable a token-wise signature's request dims collapse into (a token count)."""
