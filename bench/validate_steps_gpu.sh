@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # Step-level validation on the GPU machine (padded engine), into OUT_DIR:
-#   bash bench/validate_steps_gpu.sh OUT_DIR [STAGES]    (default: record eager fit sdpa eager-steps)
+#   bash bench/validate_steps_gpu.sh OUT_DIR [STAGES]
+#   STAGES (default: record eager fit sdpa eager-steps): any of record, eager, fit, sdpa,
+#   eager-steps, fidelity. Each step and fidelity run writes its own JSON, and the log of each
+#   model goes to OUT_DIR as it runs, so a stage stopped by its time limit keeps what finished.
+#   STEP_SECONDS (default 150) limits each model's validate-steps run.
 # 1. record the validated models' units (with their token bindings) in h100.db: nothing to
 #    measure for sdpa, the profile is complete;
 # 2. profile the eager-attention units of EAGER models (every other unit is shared with sdpa);
@@ -25,16 +29,29 @@ fi
 if has fit; then
     python3 -m dooly_fx fit --db "$DB" | tail -2
 fi
+LIMIT=${STEP_SECONDS:-150}
 if has sdpa; then
     for model in $MODELS; do
-        timeout 90 python3 -m dooly_fx validate-steps "$model" --db "$DB" --device cuda \
-            --fidelity "prefill:4x1024;decode:32x1024" \
-            --json "$OUT_DIR/steps_${model}_sdpa.json" 2>&1 | tail -3
+        timeout "$LIMIT" python3 -m dooly_fx validate-steps "$model" --db "$DB" --device cuda \
+            --json "$OUT_DIR/steps_${model}_sdpa.json" > "$OUT_DIR/log_${model}_sdpa.txt" 2>&1
+        echo "$model sdpa: exit $?"; tail -1 "$OUT_DIR/log_${model}_sdpa.txt"
     done
 fi
 if has eager-steps; then
     for model in $EAGER; do
-        timeout 90 python3 -m dooly_fx validate-steps "$model" --attn eager --db "$DB" \
-            --device cuda --json "$OUT_DIR/steps_${model}_eager.json" 2>&1 | tail -3
+        timeout "$LIMIT" python3 -m dooly_fx validate-steps "$model" --attn eager --db "$DB" \
+            --device cuda --json "$OUT_DIR/steps_${model}_eager.json" \
+            > "$OUT_DIR/log_${model}_eager.txt" 2>&1
+        echo "$model eager: exit $?"; tail -1 "$OUT_DIR/log_${model}_eager.txt"
+    done
+fi
+if has fidelity; then  # re-predicts the measured steps (no re-timing) and adds unit fidelity
+    for model in $MODELS; do
+        [ -f "$OUT_DIR/steps_${model}_sdpa.json" ] || continue
+        timeout "$LIMIT" python3 -m dooly_fx validate-steps "$model" --db "$DB" --device cuda \
+            --measured "$OUT_DIR/steps_${model}_sdpa.json" \
+            --fidelity "prefill:4x1024;decode:32x1024" \
+            --json "$OUT_DIR/fidelity_${model}_sdpa.json" > "$OUT_DIR/log_${model}_fid.txt" 2>&1
+        echo "$model fidelity: exit $?"; tail -1 "$OUT_DIR/log_${model}_fid.txt"
     done
 fi

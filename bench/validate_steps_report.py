@@ -2,7 +2,7 @@
 
     python bench/validate_steps_report.py [--steps bench/results/steps]
 
-Reads the `validate-steps --json` files (each written on the GPU machine by
+Reads the `steps_*.json` files of `validate-steps --json` (each written on the GPU machine by
 `python -m dooly_fx validate-steps MODEL --db ... --device cuda --json FILE`, see
 bench/validate_steps_gpu.sh), and writes `bench/results/validate_steps.{json,md,png}`: per file
 the median and p90 absolute percentage error over its steps, how many steps were GPU- or
@@ -25,7 +25,7 @@ def main() -> None:
     parser.add_argument("--steps", type=Path, default=Path("bench/results/steps"))
     parser.add_argument("--out", type=Path, default=Path("bench/results/validate_steps.json"))
     args = parser.parse_args()
-    files = sorted(args.steps.glob("*.json"))
+    files = sorted(args.steps.glob("steps_*.json"))
     if not files:
         sys.exit(f"{args.steps}: no validate-steps JSON files")
     rows, everything = [], []
@@ -34,7 +34,10 @@ def main() -> None:
         steps = [s for s in report["steps"] if not s["skipped"]]
         errors = np.abs([s["error"] for s in steps])
         everything += [(report["model"], report["engine"], s) for s in steps]
-        fidelity = report.get("fidelity", {}).get("median_ape")
+        # A fidelity run (`--measured` + `--fidelity`) sits beside its steps file.
+        beside = path.with_name(path.name.replace("steps_", "fidelity_", 1))
+        extra = json.loads(beside.read_text()) if beside.exists() else report
+        fidelity = extra.get("fidelity", {}).get("median_ape")
         rows.append({
             "file": path.name, "model": report["model"], "engine": report["engine"],
             "measured_on": report.get("measured_on"), "steps": len(steps),
