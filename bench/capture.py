@@ -127,11 +127,6 @@ def _sliding_window(config) -> int | None:
     return min(windows) if windows else None
 
 
-def _has_experts(config) -> bool:
-    return any(getattr(config, f, None) for f in ("num_local_experts", "num_experts",
-                                                   "n_routed_experts"))
-
-
 def _naive_modules(model, config):
     """The prefill and decode wrappers around a full-depth transformers model."""
     import torch
@@ -169,8 +164,10 @@ def _naive_export(config) -> Record:
     import transformers
     from torch.export import Dim, export
 
+    from dooly_fx.capture import has_experts
+
     config._attn_implementation = "sdpa"
-    if _has_experts(config):
+    if has_experts(config):
         config._experts_implementation = "grouped_mm"
     window = _sliding_window(config)
     s_max = {"max": window - 2} if window else {}

@@ -37,6 +37,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dooly_fx.db import SHIPPED_DB, LatencyDB  # noqa: E402
+from dooly_fx.hostinfo import cpu_name  # noqa: E402
 from dooly_fx.predict import FlatStepTime, load  # noqa: E402
 from dooly_fx.serving import kv_bytes_per_token, size_kv_cache, weight_bytes  # noqa: E402
 from dooly_fx.simulate import StepTime, num_blocks_for, preset, simulate  # noqa: E402
@@ -101,16 +102,6 @@ def make_step_time(args: argparse.Namespace) -> Source:
         "db": "dooly_fx/data/h100.db (shipped)", "db_load_s": round(load_s, 4),
         "kv_cache": f"{cache / 1e9:.1f} GB ({env['memory_gib']} GiB x 0.9 - "
                     f"{weights / 1e9:.2f} GB weights) at {per_token} bytes/token"})
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def run_case(name: str, requests, policy: str, source: Source, repeats: int) -> dict:

@@ -165,7 +165,7 @@ def _symbolic_config(spec: ModelSpec, engine: EngineProfile, plan: LayerPlan, ta
 
         paged.register()  # makes attn_implementation="dooly_paged_<impl>" known to transformers
     config._attn_implementation = engine.attn_backend_name
-    if _has_experts(config):
+    if has_experts(config):
         from dooly_fx import moe
 
         moe.register()  # one opaque node per expert block (see moe.py)
@@ -180,7 +180,14 @@ def _symbolic_config(spec: ModelSpec, engine: EngineProfile, plan: LayerPlan, ta
     return config, fields
 
 
-def _has_experts(config) -> bool:
+def kv_geometry(config) -> tuple[int, int]:
+    """(KV heads, head dim) of a transformers config: what one cached token holds per layer."""
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return kv_heads, head_dim
+
+
+def has_experts(config) -> bool:
     return any(getattr(config, f, None) for f in ("num_local_experts", "num_experts",
                                                    "n_routed_experts"))
 
@@ -443,8 +450,7 @@ def _phase_inputs(model, config, engine, phase, regime, window, table):
         return _PaddedStep(model, config, SymbolicCache(config, None, False)), (ids, []), ()
     p_hint = (window + REQUEST_HINTS["P"]) if above else REQUEST_HINTS["P"]
     p = table.new("P", p_hint, "request")
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads, head_dim = kv_geometry(config)
     past = []
     for length in _cache_lengths(config, p, above):
         for _ in ("k", "v"):

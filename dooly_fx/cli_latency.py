@@ -27,13 +27,22 @@ def _environment(db: LatencyDB, device: str) -> dict:
 
 
 def model_name(db: LatencyDB, ref: str) -> str:
-    """A model as the DB names it: a name recorded there as given, else the zoo name, HF id,
-    config.json or folder resolved to its model name."""
+    """A model as the DB names it: a name recorded there as given, the zoo name of a zoo HF id,
+    else the zoo name, HF id, config.json or folder resolved to its model name (only this
+    case imports transformers); a reference that resolves to nothing is returned as given."""
+    from dooly_fx.zoo import ZOO
+
     if any(m["name"] == ref for m in db.models()):
         return ref
+    zoo = next((e.name for e in ZOO.values() if e.hf_id.lower() == ref.lower()), None)
+    if zoo is not None:
+        return zoo
     from dooly_fx.spec import resolve_model
 
-    return resolve_model(ref).name
+    try:
+        return resolve_model(ref).name
+    except UserError:
+        return ref  # not a model anywhere: `load` says what the DB has
 
 
 def _engine(args: argparse.Namespace) -> EngineProfile:

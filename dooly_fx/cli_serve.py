@@ -25,22 +25,13 @@ def _open_db(path: str | None) -> LatencyDB:
     return LatencyDB.open(path, create=False)
 
 
-def _model_name(db: LatencyDB, ref: str) -> str:
-    """A model as the DB names it: the name itself, or the zoo name of an HF id."""
-    from dooly_fx.zoo import ZOO
-
-    if any(m["name"] == ref for m in db.models()):
-        return ref
-    return next((e.name for e in ZOO.values() if e.hf_id.lower() == ref.lower()), ref)
-
-
 def _loaded(db: LatencyDB, args: argparse.Namespace):
     """(environment, Loaded) of the asked model, engine profile and device."""
-    from dooly_fx.cli_latency import _engine, _environment
+    from dooly_fx.cli_latency import _engine, _environment, model_name
     from dooly_fx.predict import load
 
     env = _environment(db, args.device)
-    loaded = load(db, _model_name(db, args.model), env["fingerprint"], _engine(args).label)
+    loaded = load(db, model_name(db, args.model), env["fingerprint"], _engine(args).label)
     return env, loaded
 
 

@@ -18,6 +18,8 @@ from functools import cache
 
 import sympy
 
+from dooly_fx.registry import registrar
+
 Point = dict[str, float]
 Tensor = tuple[str, list[int]]
 """(dtype name, concrete shape)."""
@@ -25,15 +27,8 @@ CostFn = Callable[[list[Tensor], list[Tensor], dict, Point], float]
 FLOPS: dict[str, CostFn] = {}
 
 
-def register_flops(*kinds: str) -> Callable[[CostFn], CostFn]:
-    """Register the FLOP formula of unit kinds; a kind registered twice is a programming error."""
-    def deco(fn: CostFn) -> CostFn:
-        for kind in kinds:
-            if kind in FLOPS:
-                raise ValueError(f"FLOP formula for {kind!r} registered twice")
-            FLOPS[kind] = fn
-        return fn
-    return deco
+register_flops = registrar(FLOPS, "FLOP formula")
+"""`@register_flops(kind, ...)`: the FLOP formula of unit kinds."""
 
 
 _FUNCTIONS = {"floor": sympy.floor, "ceiling": sympy.ceiling, "Max": sympy.Max,

@@ -15,38 +15,30 @@ its check and is recorded as failed, never timed wrongly.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Callable
 
 import torch
 
 from dooly_fx.lowering import Point, Runnable, UnitCase, materialise, replay_subgraph
+from dooly_fx.passes.signature import Signature, signature_of
+from dooly_fx.registry import registrar
 
 IMPL = "triton"
 FusedLowering = Callable[[list[torch.Tensor]], Callable[[], torch.Tensor]]
 FUSED: dict[str, FusedLowering] = {}
 
 
-def register_fused(*kinds: str) -> Callable[[FusedLowering], FusedLowering]:
-    """Register the Triton kernel of unit kinds: a function from the unit's tensor inputs to
-    a callable running the kernel on them."""
-    def deco(fn: FusedLowering) -> FusedLowering:
-        for kind in kinds:
-            if kind in FUSED:
-                raise ValueError(f"fused kernel for {kind!r} registered twice")
-            FUSED[kind] = fn
-        return fn
-    return deco
+register_fused = registrar(FUSED, "fused kernel")
+"""`@register_fused(kind, ...)`: a function from the unit's tensor inputs to a callable running
+the kind's Triton kernel on them."""
 
 
-def fused_signature(kind: str, canonical: dict) -> tuple[str, dict] | None:
-    """(key, canonical) of a unit's fused-variant signature, or None if `kind` has no kernel."""
+def fused_signature(kind: str, canonical: dict) -> Signature | None:
+    """A unit's fused-variant signature (its canonical content plus `"impl": "triton"`), or
+    None if `kind` has no kernel."""
     if kind not in FUSED:
         return None
-    data = {**canonical, "impl": IMPL}
-    text = json.dumps(data, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest(), data
+    return signature_of({**canonical, "impl": IMPL})
 
 
 def lower_fused(case: UnitCase, point: Point, device: str) -> Runnable:

@@ -20,6 +20,7 @@ import torch
 import torch.fx
 
 from dooly_fx.passes.taint import Config, TensorLabel
+from dooly_fx.registry import registrar
 from dooly_fx.sweep import realise
 
 Point = dict[str, int]
@@ -53,15 +54,8 @@ Lowering = Callable[[UnitCase, Point, str], Runnable]
 LOWERINGS: dict[str, Lowering] = {}
 
 
-def register_lowering(*kinds: str) -> Callable[[Lowering], Lowering]:
-    """Register a lowering for unit kinds; a kind registered twice is a programming error."""
-    def deco(fn: Lowering) -> Lowering:
-        for kind in kinds:
-            if kind in LOWERINGS:
-                raise ValueError(f"lowering for {kind!r} registered twice")
-            LOWERINGS[kind] = fn
-        return fn
-    return deco
+register_lowering = registrar(LOWERINGS, "lowering")
+"""`@register_lowering(kind, ...)`: how units of these kinds are made runnable."""
 
 
 def lower(case: UnitCase, point: Point, device: str) -> Runnable:

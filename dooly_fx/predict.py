@@ -266,16 +266,25 @@ def predict_step(loaded: Loaded, batch: Batch, skew: float = DEFAULT_SKEW) -> St
     return predict_at(loaded, phase, values, skew)
 
 
-def predict_at(loaded: Loaded, phase: str, values: dict, skew: float = DEFAULT_SKEW) -> Step:
-    """Predicted time of one step of `phase` at request values (B, S, P or T, N, P)."""
+def _require_fits(loaded: Loaded) -> None:
+    if loaded.missing:
+        raise UserError(f"{loaded.model}: {len(loaded.missing)} signatures have no fit in this "
+                        "environment; run `python -m dooly_fx fit` (and profile them first)")
+
+
+def _uses(loaded: Loaded, phase: str, values: dict) -> tuple[str, list[Use]]:
+    """(regime, units) of `phase` at `values`; a phase never recorded is a UserError."""
     regime = _regime(loaded, phase, values)
     uses = loaded.uses.get((phase, regime))
     if uses is None:
         raise UserError(f"{loaded.model}: no {phase} units recorded"
                         f"{f' for regime {regime}' if regime else ''}; profile that phase")
-    if loaded.missing:
-        raise UserError(f"{loaded.model}: {len(loaded.missing)} signatures have no fit in this "
-                        "environment; run `python -m dooly_fx fit` (and profile them first)")
+    return regime, uses
+
+
+def predict_uses(loaded: Loaded, uses: Sequence[Use], values: dict,
+                 skew: float = DEFAULT_SKEW) -> tuple[list[UnitStep], float, float]:
+    """Each unit's prediction at `values`, and Σ count × GPU ms and Σ count × host ms."""
     units, gpu, host = [], 0.0, 0.0
     for use in uses:
         fit = loaded.fits[use.signature]
@@ -287,6 +296,14 @@ def predict_at(loaded: Loaded, phase: str, values: dict, skew: float = DEFAULT_S
                               fit.host_ms, not fit.gpu.in_range(x)))
         gpu += use.count * ms
         host += use.count * fit.host_ms
+    return units, gpu, host
+
+
+def predict_at(loaded: Loaded, phase: str, values: dict, skew: float = DEFAULT_SKEW) -> Step:
+    """Predicted time of one step of `phase` at request values (B, S, P or T, N, P)."""
+    regime, uses = _uses(loaded, phase, values)
+    _require_fits(loaded)
+    units, gpu, host = predict_uses(loaded, uses, values, skew)
     return Step(phase, regime, values, units, gpu, host)
 
 
@@ -311,9 +328,7 @@ class FlatStepTime:
     CONTEXT_BUCKET = 16
 
     def __init__(self, loaded: Loaded, skew: float = DEFAULT_SKEW) -> None:
-        if loaded.missing:
-            raise UserError(f"{loaded.model}: {len(loaded.missing)} signatures have no fit; "
-                            "run `python -m dooly_fx fit` (and profile them first)")
+        _require_fits(loaded)
         self.loaded, self.skew = loaded, skew
         self._memo: dict[tuple, tuple[float, float]] = {}
         if loaded.engine.startswith("paged"):
@@ -322,17 +337,14 @@ class FlatStepTime:
             (u for (p, _), u in loaded.uses.items() if p == "prefill"), None)
         if prefill is None:
             raise UserError(f"{loaded.model}: no prefill units recorded; profile that phase")
-        self._tokenwise = [u for u in prefill if set(loaded.fits[u.signature].names) <= {"m",
-                                                                                        "skew"}]
+        self._tokenwise = [u for u in prefill if self._token_only(u)]
+
+    def _token_only(self, use: Use) -> bool:
+        """A unit whose latency depends on the step's token count alone (and MoE skew)."""
+        return set(self.loaded.fits[use.signature].names) <= {"m", "skew"}
 
     def _units(self, uses: Sequence[Use], values: dict) -> tuple[float, float]:
-        gpu = host = 0.0
-        for use in uses:
-            fit = self.loaded.fits[use.signature]
-            point = unit_point(fit, use, values, self.skew)
-            flops, moved = cost(fit.canonical, point)
-            gpu += use.count * fit.gpu.predict([point[n] for n in fit.names], flops, moved)
-            host += use.count * fit.host_ms
+        _, gpu, host = predict_uses(self.loaded, uses, values, self.skew)
         return gpu, host
 
     def attention(self, phase: str, values: dict) -> tuple[float, float]:
@@ -340,15 +352,8 @@ class FlatStepTime:
         depends on more than the token count) in `phase` at padded `values` (B, S, P)."""
         key = (phase, *sorted(values.items()))
         if key not in self._memo:
-            regime = _regime(self.loaded, phase, values)
-            uses = self.loaded.uses.get((phase, regime))
-            if uses is None:
-                raise UserError(f"{self.loaded.model}: no {phase} units recorded; profile "
-                                "that phase")
-            self._memo[key] = self._units(
-                [u for u in uses if not set(self.loaded.fits[u.signature].names) <= {"m",
-                                                                                    "skew"}],
-                values)
+            _, uses = _uses(self.loaded, phase, values)
+            self._memo[key] = self._units([u for u in uses if not self._token_only(u)], values)
         return self._memo[key]
 
     def __call__(self, batch: Batch) -> float:

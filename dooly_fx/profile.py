@@ -32,7 +32,7 @@ from dooly_fx.fused import fused_signature
 from dooly_fx.hostinfo import cpu_name
 from dooly_fx.lowering import UnitCase, lower
 from dooly_fx.passes.partition import partition, unit_outputs, unit_subgraph
-from dooly_fx.passes.signature import Signature, binding, signature
+from dooly_fx.passes.signature import binding, signature
 from dooly_fx.passes.taint import META_KEY, Config, TensorLabel, taint
 from dooly_fx.spec import ModelSpec
 from dooly_fx.sweep import Bounds, points
@@ -78,11 +78,8 @@ def collect(specs: Sequence[ModelSpec], engine: EngineProfile, phases: Sequence[
                 taint(cap.gm, cap.symbols)
                 for unit in partition(cap.gm):
                     sig = signature(unit)
-                    fused = fused_signature(unit.kind, sig.data) \
-                        if engine.kernels == "triton" else None
-                    if fused is not None:  # timed as the fused engine's Triton kernel
-                        sig = Signature(fused[0], json.dumps(fused[1], sort_keys=True,
-                                                             separators=(",", ":")))
+                    if engine.kernels == "triton":  # timed as the fused engine's kernel
+                        sig = fused_signature(unit.kind, sig.data) or sig
                     count = cap.plan.count(unit.layer)
                     key = (phase, cap.regime, unit.role, sig.key)
                     rows[key] = rows.get(key, 0) + count

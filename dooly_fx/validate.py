@@ -84,11 +84,11 @@ def build_model(spec: ModelSpec, engine: EngineProfile, device: str) -> torch.nn
     attention implementation, on `device`."""
     from transformers import AutoModelForCausalLM
 
-    from dooly_fx.capture import _has_experts
+    from dooly_fx.capture import has_experts
 
     config = spec.config.__class__.from_dict(spec.config.to_dict())
     config._attn_implementation = engine.attn_impl
-    if _has_experts(config):
+    if has_experts(config):
         config._experts_implementation = engine.experts_impl
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=engine.torch_dtype)
@@ -101,14 +101,14 @@ def _cache(model, batch: list[tuple[int, int]], device: str, dtype: torch.dtype,
     transformers' first `update` keeps them, later updates make new tensors)."""
     from transformers import DynamicCache
 
+    from dooly_fx.capture import kv_geometry
+
     cached = max(c for _, c in batch)
     cache = DynamicCache(config=model.config)
     if cached == 0:
         return cache
     config = model.config
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or \
-        config.hidden_size // config.num_attention_heads
+    kv_heads, head_dim = kv_geometry(config)
     shape = (len(batch), kv_heads, cached, head_dim)
     if base.get("shape") != shape:
         base.clear()

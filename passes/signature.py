@@ -145,5 +145,10 @@ def canonical(unit: OpUnit) -> dict:
 
 def signature(unit: OpUnit) -> Signature:
     """The unit's signature: canonical JSON (sorted keys) and its SHA-256."""
-    text = json.dumps(canonical(unit), sort_keys=True, separators=(",", ":"))
+    return signature_of(canonical(unit))
+
+
+def signature_of(data: dict) -> Signature:
+    """The signature of canonical content `data`: its JSON (sorted keys) and SHA-256."""
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return Signature(hashlib.sha256(text.encode()).hexdigest(), text)
