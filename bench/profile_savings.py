@@ -63,7 +63,13 @@ def main() -> None:
     lines += [f"| {m['model']} | {m['unique_signatures']} | {m['shared_signatures']} | "
               f"{m['unprofiled_signatures']} | {m['device_seconds_alone']:.1f} |"
               for m in report["models"]]
-    lines += ["", summary]
+    lines += ["", summary, "", "By unit kind (model uses: how many models run each signature, "
+              "summed):", "",
+              "| kind | signatures | model uses | device s dedup | device s alone |",
+              "|---|---:|---:|---:|---:|"]
+    lines += [f"| {kind} | {r['signatures']} | {r['model_uses']} | "
+              f"{r['device_seconds_dedup']:.1f} | {r['device_seconds_alone']:.1f} |"
+              for kind, r in report["by_kind"].items()]
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 

@@ -276,9 +276,20 @@ def savings(db: LatencyDB, env: str, engine: str, models: Sequence[str] | None =
         m["unprofiled_signatures"] = len(m["unprofiled_signatures"])
     alone = sum(m["device_seconds_alone"] for m in per_model)
     dedup = sum(spent.get(s, 0.0) for s in union)
+    by_kind: dict[str, dict] = {}
+    for sig in union:  # where the time goes, and how much each kind is shared
+        row = by_kind.setdefault(db.signature(sig)["kind"], {
+            "signatures": 0, "model_uses": 0, "device_seconds_dedup": 0.0,
+            "device_seconds_alone": 0.0})
+        row["signatures"] += 1
+        row["model_uses"] += owners[sig]
+        row["device_seconds_dedup"] += spent.get(sig, 0.0)
+        row["device_seconds_alone"] += spent.get(sig, 0.0) * owners[sig]
     return {"environment": env, "models": per_model, "unique_signatures": len(union),
             "device_seconds_dedup": dedup, "device_seconds_per_model": alone,
-            "saving": 1 - dedup / alone if alone else 0.0}
+            "saving": 1 - dedup / alone if alone else 0.0,
+            "by_kind": dict(sorted(by_kind.items(),
+                                   key=lambda kv: -kv[1]["device_seconds_dedup"]))}
 
 
 # --- profile -------------------------------------------------------------------------------------

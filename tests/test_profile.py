@@ -198,6 +198,9 @@ def test_measured_saving_from_the_db_run_records(tmp_path):
     alone = sum(spent[s] for s in llama) + sum(spent[s] for s in mistral)
     assert report["device_seconds_per_model"] == pytest.approx(alone)
     assert report["device_seconds_dedup"] == pytest.approx(sum(spent[s] for s in llama | mistral))
+    kinds = report["by_kind"].values()
+    assert sum(k["signatures"] for k in kinds) == len(llama | mistral)
+    assert sum(k["device_seconds_alone"] for k in kinds) == pytest.approx(alone)
     assert 0 < report["saving"] < 1
 
 
