@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import time
 from dataclasses import asdict, replace
@@ -12,7 +13,7 @@ from rich.table import Table
 
 from dooly_fx.db import SHIPPED_DB, LatencyDB
 from dooly_fx.errors import UserError
-from dooly_fx.ui import err, out, write_json
+from dooly_fx.ui import err, out, progress, write_json
 
 PRESET_NAMES = ("transformers", "transformers-prefill-first", "vllm")
 DEFAULT_SYNTHETIC_REQUESTS = 1000
@@ -154,8 +155,8 @@ def _print_simulation(p: dict) -> None:
     out.print(run)
 
 
-def _plot(result, path: str, title: str) -> None:
-    """PNG: CDFs of TTFT and TPOT, and KV blocks in use over simulated time."""
+def _pyplot(path: str):
+    """(matplotlib.pyplot, numpy) for writing a PNG to `path` (checked writable first)."""
     _writable(path)
     try:
         import matplotlib
@@ -164,6 +165,13 @@ def _plot(result, path: str, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
+
+    return plt, np
+
+
+def _plot(result, path: str, title: str) -> None:
+    """PNG: CDFs of TTFT and TPOT, and KV blocks in use over simulated time."""
+    plt, np = _pyplot(path)
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4), layout="constrained")
     for ax, values, name in ((axes[0], result.ttft, "TTFT"), (axes[1], result.tpot, "TPOT")):
@@ -223,6 +231,156 @@ def cmd_export_vidur(args: argparse.Namespace) -> None:
                                "mapping": export.mapping, "not_exported": export.skipped})
 
 
+def _serving_engine(db: LatencyDB, model: str, env: dict, attn: str, dtype: str):
+    """The DB's profile of `model` for the continuous-batching engine: its own paged profile
+    where there is one, else the padded one (FlatStepTime approximates the flat step)."""
+    from dooly_fx.predict import load
+
+    for engine in ("paged", "padded"):
+        label = f"{engine}|{attn}|{dtype}"
+        if any(m["name"] == model and m["engine"] == label for m in db.models(env["fingerprint"])):
+            return load(db, model, env["fingerprint"], label)
+    return load(db, model, env["fingerprint"], f"paged|{attn}|{dtype}")  # its error lists engines
+
+
+def _serving_workload(args: argparse.Namespace) -> tuple[list, dict]:
+    """The workload of validate-serving: simulate's, clipped and sped up as asked."""
+    from dooly_fx.workload import Request
+
+    reqs, workload = _requests(args)
+    if args.speedup <= 0:
+        raise UserError(f"--speedup must be positive, got {args.speedup}")
+    reqs = [Request(r.id, r.arrival_s / args.speedup,
+                    min(r.prompt_tokens, args.max_prompt or r.prompt_tokens),
+                    min(r.output_tokens, args.max_output or r.output_tokens)) for r in reqs]
+    start = reqs[0].arrival_s if reqs else 0.0
+    reqs = [replace(r, arrival_s=r.arrival_s - start) for r in reqs]
+    workload.update(speedup=args.speedup, max_prompt=args.max_prompt, max_output=args.max_output)
+    return reqs, workload
+
+
+def cmd_validate_serving(args: argparse.Namespace) -> None:
+    """Serve a workload on transformers' continuous-batching engine (random weights, paged
+    attention, requests submitted at their arrival times) and compare each request's TTFT and
+    TPOT with the simulator's prediction of the same requests under the same engine settings
+    (MAPE over requests, error of p50 and p90). Every engine step is recorded too, so the
+    step-time model is also checked on the engine's real batches. --measured re-compares a
+    saved run without a GPU.
+
+        python -m dooly_fx validate-serving llama-3.2-1b --trace splitwise_conv.csv \\
+            --num-requests 200 --max-prompt 2048 --max-output 256 --json serve.json
+        python -m dooly_fx validate-serving qwen2.5-7b --attn eager --qps 4 --num-requests 100
+        python -m dooly_fx validate-serving llama-3.2-1b --measured serve.json --db h100.db
+    """
+    from dooly_fx.engine import EngineProfile
+    from dooly_fx.predict import FlatStepTime
+    from dooly_fx.simulate import preset
+    from dooly_fx.spec import resolve_model, spec_from_config
+    from dooly_fx.validate_serving import Served, compare, serve
+
+    with _open_db(args.db) as db:
+        from dooly_fx.cli_latency import _environment, model_name
+
+        env = _environment(db, "cuda" if args.device == "cuda" else "cpu")
+        name = model_name(db, args.model)
+        loaded = _serving_engine(db, name, env, args.attn, args.dtype)
+    if args.measured:
+        try:
+            old = json.loads(Path(args.measured).read_text())
+            served = Served.from_json(old["measured"])
+        except (OSError, ValueError, KeyError, TypeError, UserError) as exc:
+            raise UserError(f"{args.measured}: not a validate-serving JSON ({exc})") from None
+        workload = old.get("workload", {})
+    else:
+        if args.trace is None and args.qps is None:
+            raise UserError("give a workload: --trace CSV or --qps X (or --measured FILE)")
+        reqs, workload = _serving_workload(args)
+        try:
+            spec = resolve_model(args.model)
+        except UserError:
+            spec = spec_from_config(name, loaded.config, f"{args.db or SHIPPED_DB}: {name}")
+        engine = EngineProfile(engine="paged", attn_impl=args.attn, dtype=args.dtype)
+        device = "cuda" if args.device == "cuda" else "cpu"
+        with progress() as bar:
+            task = bar.add_task(f"serving {len(reqs)} requests · {spec.name} · paged|{args.attn}",
+                                total=len(reqs))
+            served = serve(spec, engine, reqs, device, num_blocks=args.num_blocks,
+                           max_batch_tokens=args.max_batch_tokens, max_seqs=args.max_seqs,
+                           block_size=args.block_size or 256, time_limit_s=args.time_limit,
+                           on_done=lambda n: bar.update(task, completed=n))
+    st = served.settings
+    cfg = preset("transformers", block_size=st["block_size"], num_blocks=st["num_blocks"],
+                 max_batch_tokens=st["max_batch_tokens"], max_seqs=st["max_seqs"])
+    report, result = compare(served, lambda: FlatStepTime(loaded), cfg)
+    payload = {"model": name, "device": env["device"], "environment": env["fingerprint"],
+               "engine": served.engine, "predicted_from": loaded.engine,
+               "measured_on": served.machine, "workload": workload, "settings": st,
+               "timed_out": served.timed_out, "wall_s": served.wall_s, **report,
+               "simulated": result.summary(), "measured": served.to_json()}
+    _print_serving(payload)
+    if args.json:
+        write_json(args.json, payload)
+    if args.plot:
+        _plot_serving(payload, args.plot)
+
+
+def _pct(x: float | None, signed: bool = False) -> str:
+    if x is None:
+        return "-"
+    return f"{x:+.1%}" if signed else f"{x:.1%}"
+
+
+def _print_serving(p: dict) -> None:
+    table = Table(title=f"validate-serving · {p['model']} · {p['engine']} · "
+                        f"{p['measured_on'].get('device', '?')} · predicted from "
+                        f"{p['predicted_from']}", title_justify="left")
+    for col in ("metric", "requests", "measured p50 ms", "simulated p50 ms", "p50 error",
+                "measured p90 ms", "simulated p90 ms", "p90 error", "MAPE"):
+        table.add_column(col, justify="left" if col == "metric" else "right")
+    for key, label in (("ttft", "TTFT"), ("tpot", "TPOT")):
+        m = p[key]
+        if m["measured"] is None:
+            table.add_row(label, "0", *["-"] * 7)
+            continue
+        table.add_row(label, str(m["requests"]), _ms(m["measured"]["p50"]),
+                      _ms(m["simulated"]["p50"]), _pct(m["p50_error"], True),
+                      _ms(m["measured"]["p90"]), _ms(m["simulated"]["p90"]),
+                      _pct(m["p90_error"], True), _pct(m["mape"]))
+    out.print(table)
+    s = p["steps"]
+    if s.get("steps"):
+        ms = s["measured_ms"]
+        out.print(f"engine steps: {s['steps']} measured ({p['simulated_steps']} simulated) · "
+                  f"mean {ms['mean']:.2f} ms = prepare {ms['prepare']:.2f} + forward "
+                  f"{ms['forward']:.2f} + update {ms['update']:.2f} · predicted mean "
+                  f"{s['predicted_ms']['mean']:.2f} ms · step MAPE {_pct(s['mape'])} "
+                  f"(bias {_pct(s['bias'], True)})")
+    out.print(f"{p['finished']}/{p['requests']} requests finished in {p['wall_s']:.1f} s"
+              + (" (time limit reached)" if p["timed_out"] else ""))
+
+
+def _plot_serving(p: dict, path: str) -> None:
+    """PNG: measured vs simulated TTFT and TPOT per request, and their CDFs."""
+    plt, np = _pyplot(path)
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
+    rows = p["per_request"]
+    for ax, key, name in ((axes[0], "ttft", "TTFT"), (axes[1], "tpot", "TPOT")):
+        pairs = [(r[key], r[f"sim_{key}"]) for r in rows
+                 if r[key] is not None and r[f"sim_{key}"] is not None]
+        for values, label in ((sorted(m for m, _ in pairs), "measured"),
+                              (sorted(s for _, s in pairs), "simulated")):
+            x = np.asarray(values) * 1e3
+            ax.plot(x, np.arange(1, x.size + 1) / max(x.size, 1), label=label)
+        ax.set(xlabel=f"{name} (ms)", ylabel="fraction of requests",
+               title=f"{name} CDF · MAPE {_pct(p[key]['mape'])}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"{p['model']} · {p['engine']} · {p['measured_on'].get('device', '?')}")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -233,18 +391,9 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def add_verbs(verbs, engine_args) -> None:
-    """Register this module's verbs on the main parser's subparsers."""
-    sim = verbs.add_parser("simulate", help="simulate serving a workload with predicted steps",
-                           description=cmd_simulate.__doc__,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
-    sim.add_argument("model", metavar="MODEL")
-    sim.add_argument("--db", metavar="FILE", help="latency DB (default: the shipped H100 DB)")
-    sim.add_argument("--device", default="cuda", choices=("cpu", "cuda"),
-                     help="which of the DB's environments to predict for")
-    engine_args(sim)
-    work = sim.add_argument_group("workload (one of --trace, --qps)")
-    source = work.add_mutually_exclusive_group(required=True)
+def _workload_args(parser: argparse.ArgumentParser, required: bool) -> None:
+    work = parser.add_argument_group("workload (one of --trace, --qps)")
+    source = work.add_mutually_exclusive_group(required=required)
     source.add_argument("--trace", metavar="CSV",
                         help="arrived_at,num_prefill_tokens,num_decode_tokens per request")
     source.add_argument("--qps", type=float, metavar="X",
@@ -260,6 +409,19 @@ def add_verbs(verbs, engine_args) -> None:
     work.add_argument("--cv", type=float, default=1.0,
                       help="gamma arrivals: coefficient of variation of the gaps")
     work.add_argument("--seed", type=int, default=0)
+
+
+def add_verbs(verbs, engine_args) -> None:
+    """Register this module's verbs on the main parser's subparsers."""
+    sim = verbs.add_parser("simulate", help="simulate serving a workload with predicted steps",
+                           description=cmd_simulate.__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    sim.add_argument("model", metavar="MODEL")
+    sim.add_argument("--db", metavar="FILE", help="latency DB (default: the shipped H100 DB)")
+    sim.add_argument("--device", default="cuda", choices=("cpu", "cuda"),
+                     help="which of the DB's environments to predict for")
+    engine_args(sim)
+    _workload_args(sim, required=True)
     sched = sim.add_argument_group("scheduler")
     sched.add_argument("--policy", default="transformers", choices=PRESET_NAMES,
                        help="scheduler preset (default: transformers)")
@@ -274,6 +436,34 @@ def add_verbs(verbs, engine_args) -> None:
     sim.add_argument("--chrome-trace", metavar="FILE", help="write a Chrome/Perfetto trace")
     sim.add_argument("--plot", metavar="PNG", help="plot TTFT/TPOT CDFs and KV usage")
     sim.set_defaults(func=cmd_simulate)
+
+    val = verbs.add_parser("validate-serving",
+                           help="serve a workload on the real engine and compare with simulate",
+                           description=cmd_validate_serving.__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    val.add_argument("model", metavar="MODEL")
+    val.add_argument("--db", metavar="FILE", help="latency DB (default: the shipped H100 DB)")
+    val.add_argument("--device", default="cuda", choices=("cpu", "cuda"))
+    val.add_argument("--attn", default="sdpa", choices=("sdpa", "eager"),
+                     help="the engine's paged|<attn> attention (default sdpa)")
+    val.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    _workload_args(val, required=False)
+    val.add_argument("--speedup", type=float, default=1.0, metavar="F",
+                     help="divide arrival times by F (default 1)")
+    val.add_argument("--max-prompt", type=_positive_int, metavar="N", help="clip prompts to N")
+    val.add_argument("--max-output", type=_positive_int, metavar="N", help="clip outputs to N")
+    eng = val.add_argument_group("engine (default: as transformers sizes it)")
+    eng.add_argument("--max-batch-tokens", type=_positive_int, metavar="N")
+    eng.add_argument("--max-seqs", type=_positive_int, metavar="N")
+    eng.add_argument("--block-size", type=_positive_int, metavar="N", help="default 256")
+    eng.add_argument("--num-blocks", type=_positive_int, metavar="N")
+    val.add_argument("--time-limit", type=float, default=600.0, metavar="S",
+                     help="stop serving S seconds after the last arrival (default 600)")
+    val.add_argument("--measured", metavar="FILE",
+                     help="re-compare the measurement of a saved validate-serving JSON")
+    val.add_argument("--json", metavar="FILE", help="write the report and measurement as JSON")
+    val.add_argument("--plot", metavar="PNG", help="plot measured and simulated CDFs")
+    val.set_defaults(func=cmd_validate_serving)
 
     vid = verbs.add_parser("export-vidur", help="write Vidur's mlp.csv and attention.csv",
                            description=cmd_export_vidur.__doc__,

@@ -193,6 +193,24 @@ def _paged_attention(case: UnitCase, point: Point, device: str) -> Runnable:
     return Runnable(fn, check)
 
 
+@register_lowering("shape_build")
+def _shape_build(case: UnitCase, point: Point, device: str) -> Runnable:
+    """The engine's attention call at T queries, a new key count every call (`paged.
+    new_shape_attention`): its host time is the per-shape setup a step pays."""
+    from dooly_fx.paged import new_shape_attention
+
+    (dtype, (_, heads, head_dim)) = case.canonical["inputs"][0]
+    tokens = point.get("T", 1)
+    fn = new_shape_attention(heads, head_dim, getattr(torch, dtype), device, tokens)
+
+    def check() -> None:
+        got = fn()
+        if list(got.shape) != [1, heads, tokens, head_dim] or not torch.isfinite(got).all():
+            raise AssertionError(f"attention output {list(got.shape)} or non-finite")
+
+    return Runnable(fn, check)
+
+
 def moe_routing(tokens: int, top_k: int, experts: int, skew: float,
                 device: str) -> torch.Tensor:
     """(tokens, top_k) expert ids: each token's k distinct experts drawn with popularity

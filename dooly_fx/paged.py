@@ -175,3 +175,48 @@ def engine_attention(heads: int, kv_heads: int, head_dim: int, dtype: torch.dtyp
         return out.transpose(0, 1).unsqueeze(0)
 
     return fn, reference
+
+
+# --- per-shape setup ------------------------------------------------------------------------
+
+SHAPE_BUILD_IMPLS = ("sdpa",)
+"""Engine attentions whose kernels pay a host-side setup for every new shape. `paged|sdpa`
+calls `scaled_dot_product_attention` with a mask over (T new, K read) tokens; where PyTorch
+picks its cuDNN backend, each new (T, K) builds a cuDNN graph (tens of ms on the host) and
+repeated shapes hit a cache. A continuous-batching step almost always has a new K, so the
+engine pays one build per attention group per step, while a unit timed at a fixed shape
+never does. `paged|eager` runs matmul/softmax kernels with no such setup."""
+
+
+def shape_build_canonical(attention: dict) -> dict | None:
+    """The shape-build signature's canonical content for a `paged_attention` canonical (the
+    query layout, dtype and impl, T its one request variable: K/V reach SDPA with every query
+    head), or None when the impl has no per-shape setup."""
+    impl = attention["scalars"][-1][-1]
+    if impl not in SHAPE_BUILD_IMPLS:
+        return None
+    dtype, (_, heads, head_dim) = attention["inputs"][0]
+    return {"kind": "shape_build", "ops": ["scaled_dot_product_attention"],
+            "inputs": [[dtype, ["T", heads, head_dim]]], "outputs": [], "scalars": [[impl]]}
+
+
+def new_shape_attention(heads: int, head_dim: int, dtype: torch.dtype, device: str,
+                        tokens: int, context: int = 1024, fresh: int = 2048):
+    """`fn()` runs the engine's `paged|sdpa` attention call (`sdpa_attention_paged_forward`
+    after its cache read: contiguous q/k/v with every query head, a float mask viewed out of
+    a wider buffer) for `tokens` queries over `tokens + context + i` keys, i growing by one
+    per call, so that every call (up to `fresh`) meets a shape it has not seen."""
+    width = tokens + context + fresh
+    mask = torch.zeros(1, 1, tokens, width, dtype=dtype, device=device)
+    q = torch.randn(1, heads, tokens, head_dim, dtype=dtype, device=device)
+    calls = [0]
+
+    def fn() -> Tensor:
+        keys = tokens + context + calls[0] % fresh
+        calls[0] += 1
+        k = torch.empty(1, heads, keys, head_dim, dtype=dtype, device=device).normal_()
+        v = torch.empty_like(k).normal_()
+        return torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask[:, :, :, :keys], is_causal=False, scale=head_dim**-0.5)
+
+    return fn

@@ -144,6 +144,9 @@ class Loaded:
     fits: dict[str, UnitFit]
     missing: list[str]
     """Signatures of the model with no fit in this environment (not profiled)."""
+    builds: dict[tuple[str, str], list[Use]] = field(default_factory=dict)
+    """Per-shape setup units (`shape_build`) per (phase, regime): paid by a step whose
+    attention shape is new to the engine, so they are not part of `uses`."""
 
     @property
     def window(self) -> int | None:
@@ -166,8 +169,10 @@ def load(db: LatencyDB, model: str, env: str, engine: str) -> Loaded:
                         f"(profiled: {', '.join(known) or 'none'})")
     config = next(m["config"] for m in db.models(env, engine) if m["name"] == model)
     uses: dict[tuple[str, str], list[Use]] = {}
+    builds: dict[tuple[str, str], list[Use]] = {}
     for r in rows:
-        uses.setdefault((r["phase"], r["regime"]), []).append(
+        into = builds if r["role"].endswith(":shape_build") else uses
+        into.setdefault((r["phase"], r["regime"]), []).append(
             Use(r["role"], r["signature"], r["count"], r["binding"]))
     stored = db.fits(env)
     fits, missing = {}, []
@@ -180,7 +185,7 @@ def load(db: LatencyDB, model: str, env: str, engine: str) -> Loaded:
         fits[key] = UnitFit(sig["kind"], sig["canonical"], unit_vars(sig["canonical"]),
                             LatencyModel.from_json(model_json["gpu"]), model_json["host_ms"],
                             stored[key]["cv_mape"])
-    return Loaded(model, engine, env, config, uses, fits, missing)
+    return Loaded(model, engine, env, config, uses, fits, missing, builds)
 
 
 # --- predict -------------------------------------------------------------------------------------
@@ -315,7 +320,9 @@ class FlatStepTime:
     batch of (new, cached) per sequence.
 
     From a paged-engine profile (`--engine paged`), the step is predicted at (T, N, mean
-    cached) directly: the engine's attention reads N·P + T keys in one call. From a
+    cached) directly: the engine's attention reads N·P + T keys in one call; a step whose
+    (T, keys) this instance has not seen before also pays the attention's per-shape setup
+    (`shape_build` units, e.g. cuDNN graph builds), so use one instance per simulated run. From a
     padded-engine profile it is approximated: every token-wise unit (GEMMs, norms,
     activations, ...) runs once over T = Σ new tokens (an LM head over one row per sequence),
     so it is predicted at m = T (or N). Attention is per sequence: prefills (no cache) at
@@ -330,7 +337,8 @@ class FlatStepTime:
     def __init__(self, loaded: Loaded, skew: float = DEFAULT_SKEW) -> None:
         _require_fits(loaded)
         self.loaded, self.skew = loaded, skew
-        self._memo: dict[tuple, tuple[float, float]] = {}
+        self._memo: dict[tuple, tuple[float, ...]] = {}
+        self._shapes: set[tuple[int, int]] = set()
         if loaded.engine.startswith("paged"):
             return  # profiled as the engine runs: every unit at (T, N, P) directly
         prefill = loaded.uses.get(("prefill", "")) or next(
@@ -384,11 +392,19 @@ class FlatStepTime:
         return max(gpu, host) / 1e3
 
     def _paged(self, batch: Batch) -> float:
-        """A paged-engine profile: the step at (T, N, mean cached), cached to 16 tokens."""
+        """A paged-engine profile: the step at (T, N, mean cached), cached to 16 tokens, plus
+        the attention's per-shape setup when (T, keys read) is new to this engine."""
         phase, values = batch_values(batch, self.loaded.engine)
+        shape = (values["T"], sum(q + c for q, c in batch))
         values["P"] = round(values["P"] / self.CONTEXT_BUCKET) * self.CONTEXT_BUCKET
         key = (phase, values["T"], values["N"], values["P"])
         if key not in self._memo:
             step = predict_at(self.loaded, phase, values, self.skew)
-            self._memo[key] = (step.gpu_ms, step.host_ms)
-        return max(self._memo[key]) / 1e3
+            builds = self.loaded.builds.get((phase, step.regime), [])
+            setup = predict_uses(self.loaded, builds, values)[2] if builds else 0.0
+            self._memo[key] = (step.gpu_ms, step.host_ms, setup)
+        gpu, host, setup = self._memo[key]
+        if shape in self._shapes:
+            setup = 0.0
+        self._shapes.add(shape)
+        return (max(gpu, host) + setup) / 1e3  # the setup runs before the first kernel

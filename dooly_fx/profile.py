@@ -32,7 +32,7 @@ from dooly_fx.fused import fused_signature
 from dooly_fx.hostinfo import cpu_name
 from dooly_fx.lowering import UnitCase, lower
 from dooly_fx.passes.partition import partition, unit_outputs, unit_subgraph
-from dooly_fx.passes.signature import binding, signature
+from dooly_fx.passes.signature import binding, signature, signature_of
 from dooly_fx.passes.taint import META_KEY, Config, TensorLabel, taint
 from dooly_fx.spec import ModelSpec
 from dooly_fx.sweep import Bounds, points
@@ -73,6 +73,7 @@ def collect(specs: Sequence[ModelSpec], engine: EngineProfile, phases: Sequence[
     for spec in specs:
         rows: dict[tuple[str, str, str, str], int] = {}
         bindings: dict[tuple[str, str, str, str], dict] = {}
+        builds: dict[tuple[str, str, str, str], set[str]] = {}
         for phase in phases:
             for cap in capture(spec, engine, phase):
                 taint(cap.gm, cap.symbols)
@@ -88,11 +89,34 @@ def collect(specs: Sequence[ModelSpec], engine: EngineProfile, phases: Sequence[
                         out.cases[sig.key] = _case(cap.gm, unit, sig)
                     if spec.name not in out.cases[sig.key].models:
                         out.cases[sig.key].models.append(spec.name)
+                    if unit.kind == "paged_attention":
+                        _add_shape_build(out, spec.name, builds, key, sig.data)
+        for k, attentions in builds.items():  # one setup per attention group and step
+            rows[k], bindings[k] = len(attentions), {}
         out.units[spec.name] = [(*k, c, bindings[k]) for k, c in rows.items() if c > 0]
         out.configs[spec.name] = spec.config.to_dict()
         if on_model is not None:
             on_model(spec.name)
     return out
+
+
+def _add_shape_build(out: Collection, model: str, builds: dict, key: tuple,
+                     attention: dict) -> None:
+    """The per-shape setup of a paged attention (`paged.shape_build_canonical`) as its own
+    unit, counted once per attention signature (a layer group: its layers share one shape per
+    step), so the step-time model can charge it when a step meets a new shape."""
+    from dooly_fx.paged import shape_build_canonical
+
+    canonical = shape_build_canonical(attention)
+    if canonical is None:
+        return
+    sig = signature_of(canonical)
+    phase, regime, role, attention_key = key
+    builds.setdefault((phase, regime, f"{role}:shape_build", sig.key), set()).add(attention_key)
+    case = out.cases.setdefault(sig.key, UnitCase(sig.key, "shape_build", canonical, None, [],
+                                                   [], ["T"]))
+    if model not in case.models:
+        case.models.append(model)
 
 
 def _case(gm, unit, sig) -> UnitCase:

@@ -77,6 +77,11 @@ def resolve_model(ref: str) -> ModelSpec:
     raise UserError(_unknown_model_message(ref))
 
 
+def spec_from_config(name: str, fields: Mapping[str, Any], where: str) -> ModelSpec:
+    """The spec of a config recorded elsewhere (a latency DB keeps each model's config)."""
+    return ModelSpec(name, None, where, _build(dict(fields), where))
+
+
 def validate_config(config: transformers.PretrainedConfig | Mapping[str, Any], where: str) -> None:
     """Raise UserError (naming `where` and the field) unless the config can be captured."""
     get = _field_reader(config)

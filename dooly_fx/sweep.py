@@ -83,6 +83,8 @@ def points(canonical: dict, bounds: Bounds) -> list[dict[str, int]]:
     grids: list[list] = [bounds.grid(v) for v in names]
     if len(names) >= 3:  # keep 3-variable sweeps (mixed batches) to a few hundred points
         grids = [g[::2] if len(g) > 6 else g for g in grids]
+    if canonical.get("kind") == "shape_build":  # a setup cost, nearly flat in T
+        grids = [g[::4] for g in grids]
     if canonical.get("kind") == "moe_experts":  # routing is a value: its skew is swept too
         names, grids = [*names, "skew"], [*grids, list(MOE_SKEWS)]
     out = [dict(zip(names, values, strict=True)) for values in itertools.product(*grids)]

@@ -184,3 +184,37 @@ def test_paged_engine_profiles_the_engines_own_attention_and_predicts_flat_steps
     assert step([(1, 32), (1, 32), (4, 32)]) * 1e3 == pytest.approx(expected.total_ms)
     assert step([(1, 16), (1, 48)]) * 1e3 == pytest.approx(
         predict_step(loaded, [(1, 32), (1, 32)]).total_ms)  # mean cached: same keys read
+
+
+def test_paged_sdpa_pays_the_attention_setup_once_per_new_shape(tmp_path):
+    """paged|sdpa gets one `shape_build` unit per attention group (gemma-2: sliding and full),
+    paged|eager none; FlatStepTime charges its host time only when a step's (T, keys) is new."""
+    from dooly_fx.predict import predict_uses
+
+    for name, groups in (("llama-3.1-8b", 1), ("gemma-2-9b", 2)):
+        coll = collect([tiny_spec(name)], EngineProfile(engine="paged"), ["decode"])
+        builds = [r for r in coll.units[f"tiny-{name}"] if r[2].endswith(":shape_build")]
+        assert [(r[0], r[4]) for r in builds] == [("decode", groups)]
+    eager = collect([tiny_spec("llama-3.1-8b")], EngineProfile(engine="paged", attn_impl="eager"),
+                    ["decode"])
+    assert not any(c.kind == "shape_build" for c in eager.cases.values())
+
+    spec = tiny_spec("llama-3.1-8b")
+    engine = EngineProfile(engine="paged", dtype="float32")
+    coll = collect([spec], engine, ["decode"])
+    (build,) = [c for c in coll.cases.values() if c.kind == "shape_build"]
+    assert build.symbols == ["T"] and build.canonical["scalars"] == [["sdpa"]]
+    env = environment("cpu")
+    with LatencyDB.open(tmp_path / "lat.db") as db:
+        result = profile(db, coll, env, Bounds(8, 2, 64), "cpu", "test", budget_ms=(0.5, 1.0))
+        assert result.failed == 0
+        fit_db(db, env.fingerprint)
+        loaded = load(db, spec.name, env.fingerprint, engine.label)
+    assert all(not u.role.endswith(":shape_build") for us in loaded.uses.values() for u in us)
+    (uses,) = loaded.builds.values()
+    setup_ms = predict_uses(loaded, uses, {"T": 2, "N": 2, "P": 32})[2]
+    assert setup_ms > 0
+    step = FlatStepTime(loaded)
+    first, again = step([(1, 32), (1, 32)]), step([(1, 32), (1, 32)])
+    assert first - again == pytest.approx(setup_ms / 1e3)
+    assert step([(1, 33), (1, 32)]) == pytest.approx(first)  # 66 -> 67 keys: a new shape

@@ -98,7 +98,7 @@ def test_request_longer_than_the_cache_is_rejected_not_hung(capsys, tmp_path):
 def test_model_not_in_db_is_one_line_listing_the_db(capsys):
     line = _one_line_error(capsys, "simulate", "gpt-9", "--qps", "1")
     assert "gpt-9" in line and "llama-3.1-8b" in line and "qwen3-8b" in line
-    line = _one_line_error(capsys, "simulate", "llama-3.1-8b", "--engine", "paged", "--qps", "1")
+    line = _one_line_error(capsys, "simulate", "qwen3-8b", "--engine", "paged", "--qps", "1")
     assert "padded|sdpa|bfloat16" in line
     line = _one_line_error(capsys, "simulate", "llama-3.1-8b", "--device", "cpu", "--qps", "1")
     assert "no cpu environment" in line and "H100" in line
@@ -263,3 +263,46 @@ def test_simulate_on_a_cpu_profile_needs_the_cache_size(tiny_db, tmp_path, capsy
     run = json.loads(path.read_text())
     assert code == 0 and run["completed"] == 10 and run["kv_cache"]["source"] == "--num-blocks"
     _ordered(run["ttft"])
+
+
+# --- validate-serving: the real engine on CPU, then simulate ---------------------------------
+
+
+def test_validate_serving_serves_every_token_and_replays_the_same_report(tiny_db, tmp_path,
+                                                                        capsys):
+    """transformers continuous batching serves a tiny model (built from the config the DB
+    recorded); the recorded steps account for every prompt and output token, and --measured
+    recomputes the same comparison without the engine."""
+    db_path, model = tiny_db
+    path, again = tmp_path / "serve.json", tmp_path / "again.json"
+    code, _, _ = _cli(capsys, "validate-serving", model, "--db", str(db_path), "--device", "cpu",
+                      "--qps", "40", "--num-requests", "6", "--prompt", "uniform:4:24",
+                      "--output", "uniform:2:6", "--num-blocks", "8", "--block-size", "16",
+                      "--max-batch-tokens", "32", "--json", str(path))
+    run = json.loads(path.read_text())
+    measured = run["measured"]
+    reqs = measured["requests"]
+    assert code == 0 and run["finished"] == 6 and not run["timed_out"]
+    assert run["settings"]["num_blocks"] == 8 and run["settings"]["max_batch_tokens"] == 32
+    assert all(r["generated"] == r["output_tokens"] and r["error"] is None for r in reqs)
+    # Every prompt token and every output token but the last is fed through some step.
+    fed = sum(sum(s["new"]) for s in measured["steps"])
+    assert fed == sum(r["prompt_tokens"] + r["output_tokens"] - 1 for r in reqs)
+    assert all(sum(s["new"]) <= 32 for s in measured["steps"])
+    assert run["ttft"]["requests"] == 6 and run["ttft"]["mape"] >= 0
+    assert run["steps"]["steps"] == len(measured["steps"])
+    code, _, _ = _cli(capsys, "validate-serving", model, "--db", str(db_path), "--device", "cpu",
+                      "--measured", str(path), "--json", str(again))
+    replay = json.loads(again.read_text())
+    assert code == 0
+    assert (replay["ttft"], replay["tpot"], replay["steps"]) == \
+        (run["ttft"], run["tpot"], run["steps"])
+
+
+def test_validate_serving_needs_a_workload_and_a_real_measurement(tiny_db, tmp_path, capsys):
+    db_path, model = tiny_db
+    base = ("validate-serving", model, "--db", str(db_path), "--device", "cpu")
+    assert "--trace CSV or --qps X" in _one_line_error(capsys, *base)
+    bogus = tmp_path / "bogus.json"
+    bogus.write_text('{"measured": {"model": "x"}}')
+    assert "not a validate-serving" in _one_line_error(capsys, *base, "--measured", str(bogus))

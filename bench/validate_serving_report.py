@@ -1,0 +1,127 @@
+"""Summarise request-level validation: TTFT/TPOT errors per model and attention, and a plot.
+
+    python bench/validate_serving_report.py [--runs bench/results/serving]
+
+Reads the `serving_*.json` files of `validate-serving --json` (each written on the GPU machine
+by bench/validate_serving_gpu.sh: transformers continuous batching serving a trace, and the
+simulator on the same requests), and writes `bench/results/validate_serving.{json,md,png}`:
+per run the MAPE over requests and the p50/p90 errors of TTFT and TPOT, the step-time model's
+error on the engine's own batches, and where the engine's step time went.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:+.1%}"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=Path, default=Path("bench/results/serving"))
+    parser.add_argument("--out", type=Path, default=Path("bench/results/validate_serving.json"))
+    args = parser.parse_args()
+    files = sorted(args.runs.glob("serving_*.json"))
+    if not files:
+        sys.exit(f"{args.runs}: no validate-serving JSON files")
+    rows, runs = [], []
+    for path in files:
+        r = json.loads(path.read_text())
+        s = r["steps"]
+        row = {"file": path.name, "model": r["model"], "engine": r["engine"],
+               "predicted_from": r["predicted_from"], "requests": r["requests"],
+               "finished": r["finished"], "timed_out": r["timed_out"],
+               "ttft": {k: r["ttft"][k] for k in ("mape", "p50_error", "p90_error")},
+               "tpot": {k: r["tpot"][k] for k in ("mape", "p50_error", "p90_error")},
+               "step_mape": s["mape"], "step_bias": s["bias"],
+               "step_ms": s["measured_ms"], "predicted_step_ms": s["predicted_ms"]["mean"],
+               "settings": r["settings"], "workload": r["workload"],
+               "measured_on": r["measured_on"]}
+        rows.append(row)
+        runs.append(r)
+    summary = {
+        "runs": len(rows),
+        "ttft_mape_median": float(np.median([r["ttft"]["mape"] for r in rows])),
+        "tpot_mape_median": float(np.median([r["tpot"]["mape"] for r in rows])),
+        "step_mape_median": float(np.median([r["step_mape"] for r in rows])),
+    }
+    machine = rows[0]["measured_on"]
+    args.out.write_text(json.dumps({"summary": summary, "runs": rows}, indent=1) + "\n")
+    w = rows[0]["workload"]
+    lines = [
+        "# Request-level validation (transformers continuous batching vs simulate)", "",
+        f"- summarised by: `python {' '.join(sys.argv)}` from `{args.runs}/serving_*.json`",
+        "- each file: `bash bench/validate_serving_gpu.sh OUT DB MODEL:ATTN` on the GPU "
+        "machine, i.e. `python -m dooly_fx validate-serving MODEL --db DB --attn ATTN --trace "
+        f"{w.get('trace')} --num-requests {w.get('num_requests')} --speedup "
+        f"{w.get('speedup')} --max-prompt {w.get('max_prompt')} --max-output "
+        f"{w.get('max_output')} --time-limit 120 --json FILE` (eager: `--max-batch-tokens 1024 "
+        "--num-blocks 128`)",
+        f"- measured on {machine.get('device')}, torch {machine.get('torch')}, transformers "
+        f"{machine.get('transformers')}; predictions from `bench/results/h100.db` (the "
+        "shipped DB)",
+        "- MAPE over requests; p50/p90 error = simulated percentile vs measured percentile; "
+        "step MAPE = the step-time model on the engine's own recorded batches", "",
+        "| model | engine | predicted from | finished | TTFT MAPE | TTFT p50 | TTFT p90 | "
+        "TPOT MAPE | TPOT p50 | TPOT p90 | step MAPE | step bias | measured step ms "
+        "(prepare + forward) | predicted step ms |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        ms = r["step_ms"]
+        done = f"{r['finished']}/{r['requests']}" + (" (time limit)" if r["timed_out"] else "")
+        lines.append(
+            f"| {r['model']} | {_cell(r['engine'])} | {_cell(r['predicted_from'])} | {done} | "
+            f"{r['ttft']['mape']:.1%} | {_pct(r['ttft']['p50_error'])} | "
+            f"{_pct(r['ttft']['p90_error'])} | {r['tpot']['mape']:.1%} | "
+            f"{_pct(r['tpot']['p50_error'])} | {_pct(r['tpot']['p90_error'])} | "
+            f"{r['step_mape']:.1%} | {_pct(r['step_bias'])} | {ms['mean']:.1f} "
+            f"({ms['prepare']:.1f} + {ms['forward']:.1f}) | {r['predicted_step_ms']:.1f} |")
+    lines += ["", f"Median over {summary['runs']} runs: TTFT MAPE "
+                  f"{summary['ttft_mape_median']:.1%}, TPOT MAPE "
+                  f"{summary['tpot_mape_median']:.1%}, step MAPE "
+                  f"{summary['step_mape_median']:.1%}.", "",
+              "![measured vs simulated TPOT](validate_serving.png)", ""]
+    args.out.with_suffix(".md").write_text("\n".join(lines))
+    _plot(runs, args.out.with_suffix(".png"))
+    print("\n".join(lines))
+
+
+def _plot(runs: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5), layout="constrained")
+    for ax, key, name in ((axes[0], "ttft", "TTFT"), (axes[1], "tpot", "TPOT")):
+        top = 0.0
+        for r in runs:
+            pairs = np.array([(p[key], p[f"sim_{key}"]) for p in r["per_request"]
+                              if p[key] is not None and p[f"sim_{key}"] is not None]) * 1e3
+            if pairs.size:
+                ax.scatter(pairs[:, 0], pairs[:, 1], s=6, alpha=0.6,
+                           label=f"{r['model']} {r['engine'].split('|')[1]}")
+                top = max(top, pairs.max())
+        ax.plot([0, top], [0, top], color="grey", lw=1)
+        ax.set(xlabel=f"measured {name} (ms)", ylabel=f"simulated {name} (ms)",
+               title=f"{name} per request", xscale="log", yscale="log")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, markerscale=2)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

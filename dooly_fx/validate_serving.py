@@ -1,0 +1,407 @@
+"""Request-level validation: serve a workload on transformers' continuous-batching engine and
+compare every request's TTFT and TPOT with the simulator's.
+
+`serve` runs on the GPU: the model (random weights) behind a `ContinuousBatchingManager`
+(paged attention, FIFO scheduler, sync batching: what `paged|sdpa` and `paged|eager` run),
+requests submitted at their arrival times from a feeder loop, each with per-token timestamps.
+It also records every engine step: the batch (new and cached tokens per sequence) and when
+the step was scheduled, ran its forward (with sampling and the device-to-host copy) and
+updated the requests. That record (`Served`) is plain JSON, so `compare` (simulate the same
+requests with the same engine settings, CPU only) can be re-run later on another machine.
+
+Measured times: TTFT = first token's timestamp - the request's creation in `add_request`;
+TPOT = (last - first token timestamp) / (tokens - 1), the simulator's definitions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from dooly_fx.errors import UserError
+from dooly_fx.workload import Request
+
+WARMUP_REQUESTS = 4
+"""Requests served before the measured run (CUDA context, cuBLAS handles, allocator)."""
+
+
+@dataclass
+class ServedRequest:
+    """One request as the engine served it; times in seconds from the run's start."""
+
+    id: int
+    prompt_tokens: int
+    output_tokens: int
+    arrival_s: float
+    """When the workload asked for it."""
+    submitted_s: float
+    """When `add_request` created it (the feeder's lateness is arrival_s - submitted_s)."""
+    first_s: float | None = None
+    """Timestamp of the first output token (None: never came)."""
+    last_s: float | None = None
+    generated: int = 0
+    error: str | None = None
+
+    @property
+    def ttft(self) -> float:
+        return math.nan if self.first_s is None else self.first_s - self.submitted_s
+
+    @property
+    def tpot(self) -> float:
+        if self.first_s is None or self.last_s is None or self.generated < 2:
+            return math.nan
+        return (self.last_s - self.first_s) / (self.generated - 1)
+
+
+@dataclass
+class EngineStep:
+    """One engine step; times in seconds from the run's start."""
+
+    start_s: float
+    """`prepare_next_batch` began (scheduling, then the batch's tensors)."""
+    forward_s: float
+    """The forward began."""
+    synced_s: float
+    """Forward, sampling and the copy of new tokens to the host finished."""
+    end_s: float
+    """`update_batch` finished (requests updated, outputs delivered)."""
+    new: list[int]
+    """New tokens of each sequence in the batch."""
+    cached: list[int]
+    """Tokens already in the KV cache of each sequence."""
+
+    @property
+    def batch(self) -> list[tuple[int, int]]:
+        return list(zip(self.new, self.cached, strict=True))
+
+
+@dataclass
+class Served:
+    """A measured serving run: settings, requests and steps (JSON round-trip)."""
+
+    model: str
+    engine: str
+    settings: dict
+    """Engine settings as resolved: block_size, num_blocks, max_batch_tokens, max_seqs."""
+    machine: dict
+    requests: list[ServedRequest]
+    steps: list[EngineStep]
+    wall_s: float
+    timed_out: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @staticmethod
+    def from_json(data: dict) -> Served:
+        try:
+            return Served(
+                model=data["model"], engine=data["engine"], settings=data["settings"],
+                machine=data["machine"],
+                requests=[ServedRequest(**r) for r in data["requests"]],
+                steps=[EngineStep(**s) for s in data["steps"]], wall_s=data["wall_s"],
+                timed_out=data.get("timed_out", False), notes=data.get("notes", []))
+        except (KeyError, TypeError) as exc:
+            raise UserError(f"not a validate-serving measurement ({exc!r})") from None
+
+    def workload(self) -> list[Request]:
+        """The requests as they reached the engine: arrival = submission time."""
+        return [Request(r.id, r.submitted_s, r.prompt_tokens, r.output_tokens)
+                for r in self.requests]
+
+
+def serve(spec, engine, requests: Sequence[Request], device: str = "cuda", *,
+          num_blocks: int | None = None, max_batch_tokens: int | None = None,
+          max_seqs: int | None = None, block_size: int = 256, time_limit_s: float = 600.0,
+          on_done: Callable[[int], None] | None = None, seed: int = 0) -> Served:
+    """Serve `requests` (arrival times honoured) with transformers continuous batching on
+    `device`; settings left None are sized by the engine (from free memory) and recorded.
+
+    Stops after `time_limit_s` (counting from the first arrival): requests not finished
+    then keep `first_s`/`last_s` None and the result says `timed_out`.
+    """
+    import torch
+    from transformers import GenerationConfig
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    from dooly_fx.cli_latency import _machine
+    from dooly_fx.validate import build_model
+
+    if not requests:
+        raise UserError("no requests to serve")
+    model = build_model(spec, engine, device)
+    vocab = model.config.get_text_config().vocab_size
+    rng = np.random.default_rng(seed)
+    gen = GenerationConfig(do_sample=False, eos_token_id=-1, pad_token_id=0, max_new_tokens=1)
+    cb = ContinuousBatchingConfig(
+        block_size=block_size, num_blocks=num_blocks, max_batch_tokens=max_batch_tokens,
+        max_requests_per_batch=max_seqs, max_blocks_per_request=0, allow_block_sharing=False,
+        use_cuda_graph=False, use_async_batching=False, scheduler_type="fifo")
+    manager = model.init_continuous_batching(generation_config=gen, continuous_batching_config=cb)
+    with _host_memory(device):
+        manager.warmup()  # creates the batch processor and its cache
+    processor = manager.batch_processor
+    cache = processor.cache
+    settings = {"block_size": cache.block_size, "num_blocks": cache.num_blocks,
+                "max_batch_tokens": cache.max_batch_tokens,
+                "max_seqs": manager.continuous_batching_config.max_requests_per_batch,
+                "attn_implementation": model.config._attn_implementation}
+    steps: list[EngineStep] = []
+    clock = _StepClock(processor, steps)
+    longest = max(r.prompt_tokens + r.output_tokens for r in requests)
+    if longest > cache.num_blocks * cache.block_size:
+        raise UserError(f"a request of {longest} tokens does not fit the engine's KV cache "
+                        f"({cache.num_blocks} blocks of {cache.block_size})")
+    served = [ServedRequest(r.id, r.prompt_tokens, r.output_tokens, r.arrival_s, math.nan)
+              for r in requests]
+    by_id = {str(r.id): s for r, s in zip(requests, served, strict=True)}
+    prompts = {r.id: rng.integers(0, vocab, r.prompt_tokens).tolist() for r in requests}
+    manager.start()
+    timed_out = False
+    try:
+        _warm(manager, rng, vocab, min(512, cache.num_blocks * cache.block_size
+                                       // (2 * WARMUP_REQUESTS), cache.max_batch_tokens))
+        steps.clear()
+        t0 = time.perf_counter()
+        clock.t0 = t0
+        feeder_error: list[BaseException] = []
+        feeder = threading.Thread(target=_feed, daemon=True,
+                                  args=(manager, requests, prompts, t0, feeder_error))
+        feeder.start()
+        done = 0
+        deadline = t0 + requests[-1].arrival_s + time_limit_s
+        while done < len(requests):
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                timed_out = True
+                break
+            result = manager.get_result(timeout=min(left, 0.5))
+            if result is None:
+                _check_alive(manager)
+                if not manager.is_running():
+                    break
+                continue
+            s = by_id.get(result.request_id)
+            if s is None:
+                continue
+            stamps = result.timestamps or []
+            s.submitted_s = result.created_time - t0
+            s.generated = len(result.generated_tokens)
+            if stamps:
+                s.first_s, s.last_s = stamps[0] - t0, stamps[-1] - t0
+            if result.error:
+                s.error = str(result.error)
+            done += 1
+            if on_done:
+                on_done(done)
+        feeder.join(timeout=5)
+        if feeder_error:
+            raise feeder_error[0]
+        wall = time.perf_counter() - t0
+    finally:
+        manager.stop(block=True, timeout=10, hard_stop=True)
+        clock.restore()
+        del manager, model
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    notes = []
+    if any(math.isnan(s.submitted_s) for s in served):
+        notes.append("some requests never returned: their submission time is unknown")
+    return Served(spec.name, engine.label, settings, _machine(device), served, steps, wall,
+                  timed_out, notes)
+
+
+class _StepClock:
+    """Times every step of a `ContinuousBatchProcessor` by wrapping three of its methods on
+    the instance (the manager's loop calls them through the instance)."""
+
+    def __init__(self, processor, steps: list[EngineStep]) -> None:
+        self.processor, self.steps, self.t0 = processor, steps, 0.0
+        self._pending: tuple | None = None
+        prepare, step, update = (processor.prepare_next_batch, processor._generation_step,
+                                 processor.update_batch)
+
+        def timed_prepare():
+            start = time.perf_counter()
+            ready = prepare()
+            if ready:
+                batch = processor.inputs_and_outputs.requests_in_batch
+                new = [fs.query_length for fs in batch]
+                cached = [fs.state.position_offset - fs.query_length for fs in batch]
+                self._pending = (start, new, cached)
+            return ready
+
+        def timed_step(model):
+            forward = time.perf_counter()
+            step(model)
+            self._synced = (forward, time.perf_counter())
+
+        def timed_update():
+            update()
+            end = time.perf_counter()
+            if self._pending is not None:
+                start, new, cached = self._pending
+                forward, synced = self._synced
+                t0 = self.t0
+                self.steps.append(EngineStep(start - t0, forward - t0, synced - t0, end - t0,
+                                             new, cached))
+                self._pending = None
+
+        processor.prepare_next_batch = timed_prepare
+        processor._generation_step = timed_step
+        processor.update_batch = timed_update
+
+    def restore(self) -> None:
+        for name in ("prepare_next_batch", "_generation_step", "update_batch"):
+            self.processor.__dict__.pop(name, None)
+
+
+@contextlib.contextmanager
+def _host_memory(device: str):
+    """On CPU, transformers sizes the cache from psutil's free memory (0 without psutil):
+    give it the free physical memory instead."""
+    if device.startswith("cuda"):
+        yield
+        return
+    from unittest import mock
+
+    from transformers.generation.continuous_batching.cache import PagedAttentionMemoryHandler
+
+    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    with mock.patch.object(PagedAttentionMemoryHandler, "get_available_memory",
+                           return_value=free):
+        yield
+
+
+def _warm(manager, rng: np.random.Generator, vocab: int, longest: int) -> None:
+    """Serve a few requests (prefill and decode, two lengths) and wait for them."""
+    ids = []
+    for i in range(WARMUP_REQUESTS):
+        prompt = rng.integers(0, vocab, max(1, longest // 8 if i % 2 else longest - 8)).tolist()
+        ids.append(manager.add_request(prompt, request_id=f"warmup-{i}", max_new_tokens=8,
+                                       eos_token_id=-1))
+    left = set(ids)
+    deadline = time.perf_counter() + 300
+    while left and time.perf_counter() < deadline:
+        result = manager.get_result(timeout=0.5)
+        if result is not None:
+            left.discard(result.request_id)
+        _check_alive(manager)
+    if left:
+        raise UserError("the engine did not finish its warm-up requests in 300 s")
+
+
+def _check_alive(manager) -> None:
+    """UserError with the engine's own error if its generation thread died."""
+    error = manager.background_thread_status.fatal_error
+    if error is not None:
+        raise UserError(f"the engine stopped: {error}")
+
+
+def _feed(manager, requests: Sequence[Request], prompts: dict, t0: float,
+          errors: list[BaseException]) -> None:
+    """Submit each request at its arrival time."""
+    try:
+        for r in requests:
+            wait = t0 + r.arrival_s - time.perf_counter()
+            if wait > 0:
+                time.sleep(wait)
+            manager.add_request(prompts[r.id], request_id=str(r.id),
+                                max_new_tokens=r.output_tokens, record_timestamps=True,
+                                eos_token_id=-1)
+    except BaseException as exc:  # reported by the main thread
+        errors.append(exc)
+
+
+def _ape(pred: np.ndarray, meas: np.ndarray) -> np.ndarray:
+    ok = np.isfinite(pred) & np.isfinite(meas) & (meas > 0)
+    return np.abs(pred[ok] - meas[ok]) / meas[ok]
+
+
+def _metric(measured: np.ndarray, simulated: np.ndarray) -> dict:
+    """Per-request MAPE, and the error of p50 and p90 over the requests both finished."""
+    ok = np.isfinite(measured) & np.isfinite(simulated)
+    m, s = measured[ok], simulated[ok]
+    if not m.size:
+        return {"requests": 0, "mape": None, "median_ape": None, "p50_error": None,
+                "p90_error": None, "measured": None, "simulated": None}
+    ape = _ape(s, m)
+    mp, sp = np.percentile(m, [50, 90, 99]), np.percentile(s, [50, 90, 99])
+    return {"requests": int(m.size), "mape": float(ape.mean()),
+            "median_ape": float(np.median(ape)),
+            "p50_error": float((sp[0] - mp[0]) / mp[0]),
+            "p90_error": float((sp[1] - mp[1]) / mp[1]),
+            "measured": dict(zip(("p50", "p90", "p99"), map(float, mp), strict=True)),
+            "simulated": dict(zip(("p50", "p90", "p99"), map(float, sp), strict=True))}
+
+
+def compare(served: Served, step_time: Callable[[], Callable], config) -> tuple[dict, object]:
+    """Simulate the requests as they reached the engine (same arrivals, lengths and engine
+    settings) with a step-time function made by `step_time()`; compare per request, and per
+    step on the engine's own batches (with a fresh one: step-time functions remember the
+    shapes they have seen). Returns (report, SimResult)."""
+    from dooly_fx.simulate import simulate
+
+    reqs = served.workload()
+    finished = [r for r in served.requests if r.first_s is not None and r.error is None]
+    if not finished:
+        raise UserError("no request finished in the measured run: nothing to compare")
+    result = simulate(reqs, step_time(), config)
+    order = {r.id: i for i, r in enumerate(result.requests)}
+    sim_ttft, sim_tpot = result.ttft, result.tpot
+    meas_ttft = np.array([r.ttft for r in served.requests])
+    meas_tpot = np.array([r.tpot for r in served.requests])
+    idx = [order[r.id] for r in served.requests]
+    report = {
+        "requests": len(served.requests), "finished": len(finished),
+        "ttft": _metric(meas_ttft, sim_ttft[idx]),
+        "tpot": _metric(meas_tpot, sim_tpot[idx]),
+        "steps": step_report(served.steps, step_time()),
+        "simulated_steps": int(len(result.steps["duration"])),
+    }
+    report["per_request"] = [
+        {"id": r.id, "prompt": r.prompt_tokens, "output": r.output_tokens,
+         "arrival_s": r.submitted_s, "ttft": _num(r.ttft), "tpot": _num(r.tpot),
+         "sim_ttft": _num(sim_ttft[i]), "sim_tpot": _num(sim_tpot[i])}
+        for r, i in zip(served.requests, idx, strict=True)]
+    return report, result
+
+
+def step_report(steps: Sequence[EngineStep], step_time) -> dict:
+    """The step-time model on the engine's real batches: each step's measured duration
+    (schedule to update) against `step_time(batch)`, and where the measured time went."""
+    if not steps:
+        return {"steps": 0}
+    dur = np.array([s.end_s - s.start_s for s in steps])
+    pred = np.array([step_time(s.batch) for s in steps])
+    prepare = np.array([s.forward_s - s.start_s for s in steps])
+    forward = np.array([s.synced_s - s.forward_s for s in steps])
+    update = np.array([s.end_s - s.synced_s for s in steps])
+    gaps = np.array([b.start_s - a.end_s for a, b in zip(steps, steps[1:], strict=False)]
+                    or [0.0])
+    ape = _ape(pred, dur)
+    decode = np.array([all(n == 1 for n in s.new) for s in steps])
+    return {
+        "steps": len(steps), "mape": float(ape.mean()), "median_ape": float(np.median(ape)),
+        "bias": float((pred.sum() - dur.sum()) / dur.sum()),
+        "decode_only_mape": float(_ape(pred[decode], dur[decode]).mean()) if decode.any()
+        else None,
+        "measured_ms": {"mean": float(dur.mean() * 1e3), "prepare": float(prepare.mean() * 1e3),
+                        "forward": float(forward.mean() * 1e3),
+                        "update": float(update.mean() * 1e3),
+                        "idle_gap": float(np.median(gaps) * 1e3)},
+        "predicted_ms": {"mean": float(pred.mean() * 1e3)},
+        "busy_s": float(dur.sum()),
+    }
+
+
+def _num(x: float) -> float | None:
+    return None if not math.isfinite(x) else float(x)
