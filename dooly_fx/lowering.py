@@ -211,6 +211,18 @@ def _shape_build(case: UnitCase, point: Point, device: str) -> Runnable:
     return Runnable(fn, check)
 
 
+@register_lowering("engine_prepare")
+def _engine_prepare(case: UnitCase, point: Point, device: str) -> Runnable:
+    """The engine's batch preparation for N sequences, T new tokens split evenly, P cached
+    tokens each (`paged.engine_prepare`)."""
+    from dooly_fx.paged import engine_prepare
+
+    n, t, cached = point.get("N", 1), point.get("T", point.get("N", 1)), point.get("P", 0)
+    new = [round((i + 1) * t / n) - round(i * t / n) for i in range(n)]
+    fn = engine_prepare(case.canonical, device, new, [cached] * n)
+    return Runnable(fn, fn)
+
+
 def moe_routing(tokens: int, top_k: int, experts: int, skew: float,
                 device: str) -> torch.Tensor:
     """(tokens, top_k) expert ids: each token's k distinct experts drawn with popularity

@@ -15,3 +15,8 @@ REQUEST_SYMBOLS: dict[str, str] = {
 
 TOKEN_VAR = "m"
 """The one variable a token-wise signature's request dims collapse into (a token count)."""
+
+SHAPE_BUILD_SUFFIX = ":shape_build"
+"""Role suffix of a paged attention's per-shape setup unit (charged to steps with a new shape)."""
+ENGINE_PREPARE_ROLE = "engine:prepare_batch"
+"""Role of the paged engine's per-step batch preparation unit (host work before the forward)."""

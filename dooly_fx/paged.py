@@ -220,3 +220,86 @@ def new_shape_attention(heads: int, head_dim: int, dtype: torch.dtype, device: s
             q, k, v, attn_mask=mask[:, :, :, :keys], is_causal=False, scale=head_dim**-0.5)
 
     return fn
+
+
+# --- the engine's own per-step work -----------------------------------------------------------
+
+ENGINE_BLOCK_SIZE = 256
+"""KV block size of transformers continuous batching (`ContinuousBatchingConfig` default)."""
+
+
+def engine_prepare_canonical(config, dtype: str) -> dict:
+    """The `engine_prepare` signature of a model: what the engine's batch preparation depends
+    on besides the batch (T new tokens, N sequences, P cached each), i.e. its attention layer
+    groups as transformers forms them, the sliding window, block size and mask dtype."""
+    from transformers.generation.continuous_batching.cache import group_layers_by_attn_type
+
+    _, types = group_layers_by_attn_type(config)
+    window = getattr(config, "sliding_window", None) if "sliding_attention" in types else None
+    return {"kind": "engine_prepare", "ops": ["ContinuousBatchingIOs.prepare_batch_tensors"],
+            "inputs": [["int64", ["T"]], ["int32", ["N + 1"]], ["int64", ["N*P"]]],
+            "outputs": [], "scalars": [[sorted(types), window, ENGINE_BLOCK_SIZE, dtype]]}
+
+
+def engine_prepare(canonical: dict, device: str, new: list[int], cached: list[int]):
+    """`fn()` runs continuous batching's per-step batch preparation for `(new, cached)` per
+    sequence, as the engine does between forwards: `ContinuousBatchingIOs.prepare_batch_tensors`
+    (input ids, positions, cumulative lengths, the cache's read/write indices, one attention
+    mask per layer group, all copied to the device) and `get_model_kwargs`, on transformers'
+    own cache and I/O objects sized for the batch. Scheduling is not included."""
+    from unittest import mock
+
+    from transformers import LlamaConfig, LogitsProcessorList
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+    from transformers.generation.continuous_batching.cache import (
+        PagedAttentionCache,
+        PagedAttentionMemoryHandler,
+    )
+    from transformers.generation.continuous_batching.cb_logits_processors import (
+        ContinuousBatchingLogitsProcessorList,
+    )
+    from transformers.generation.continuous_batching.distributed import DistributedHelper
+    from transformers.generation.continuous_batching.initialization import (
+        resolve_continuous_batching_config,
+    )
+    from transformers.generation.continuous_batching.input_outputs import ContinuousBatchingIOs
+    from transformers.generation.continuous_batching.requests import (
+        FutureRequestState,
+        RequestState,
+    )
+
+    types, window, block_size, dtype = canonical["scalars"][0]
+    layers = len(types)  # one layer per group type: groups, not layers, shape the work
+    config = LlamaConfig(num_hidden_layers=layers, num_attention_heads=1, num_key_value_heads=1,
+                         head_dim=8, hidden_size=8, vocab_size=16, sliding_window=window,
+                         layer_types=list(types))
+    blocks = [-(-(q + c) // block_size) for q, c in zip(new, cached, strict=True)]
+    t, n = sum(new), len(new)
+    cb = resolve_continuous_batching_config(
+        config, ContinuousBatchingConfig(
+            block_size=block_size, num_blocks=layers * sum(blocks) + 1, max_batch_tokens=t,
+            max_requests_per_batch=n, max_blocks_per_request=0, use_cuda_graph=False,
+            use_async_batching=False, allow_block_sharing=False), None, False)
+    torch_dtype = getattr(torch, dtype)
+    with mock.patch.object(PagedAttentionMemoryHandler, "get_available_memory",
+                           return_value=2**50):
+        cache = PagedAttentionCache(config, cb, device, DistributedHelper(None, None), {},
+                                    dtype=torch_dtype)
+    processors = ContinuousBatchingLogitsProcessorList(LogitsProcessorList())
+    io = ContinuousBatchingIOs(cache, config, cb, torch.device(device), torch_dtype, processors)
+    states, batch = [], []
+    for i, (q, c) in enumerate(zip(new, cached, strict=True)):
+        state = RequestState(request_id=f"r{i}", initial_tokens=[1] * (q + c))
+        if cache.allocate_blocks(blocks[i], state.request_id, 0) is None:
+            raise RuntimeError(f"the engine's cache could not hold sequence {i}")
+        states.append((state, c, [1] * q))
+        batch.append(FutureRequestState(state, True, 0, q))
+    kv_read = sum(cached)
+
+    def fn() -> None:
+        for state, c, tokens in states:
+            state.position_offset, state.tokens_to_process = c, tokens
+        io.prepare_batch_tensors(batch, processors, False, t, kv_read, False)
+        io.get_model_kwargs()
+
+    return fn

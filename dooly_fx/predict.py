@@ -30,6 +30,7 @@ from dooly_fx.costs import cost, dim_value
 from dooly_fx.db import LatencyDB
 from dooly_fx.errors import UserError
 from dooly_fx.fit import LatencyModel, fit_unit
+from dooly_fx.names import ENGINE_PREPARE_ROLE, SHAPE_BUILD_SUFFIX
 from dooly_fx.sweep import request_vars
 
 FIT_VERSION = 1
@@ -147,6 +148,9 @@ class Loaded:
     builds: dict[tuple[str, str], list[Use]] = field(default_factory=dict)
     """Per-shape setup units (`shape_build`) per (phase, regime): paid by a step whose
     attention shape is new to the engine, so they are not part of `uses`."""
+    engine_units: dict[tuple[str, str], list[Use]] = field(default_factory=dict)
+    """The engine's own per-step host work before the forward (`engine_prepare`) per (phase,
+    regime): serial with the forward, so not part of `uses` either."""
 
     @property
     def window(self) -> int | None:
@@ -170,8 +174,10 @@ def load(db: LatencyDB, model: str, env: str, engine: str) -> Loaded:
     config = next(m["config"] for m in db.models(env, engine) if m["name"] == model)
     uses: dict[tuple[str, str], list[Use]] = {}
     builds: dict[tuple[str, str], list[Use]] = {}
+    engine_units: dict[tuple[str, str], list[Use]] = {}
     for r in rows:
-        into = builds if r["role"].endswith(":shape_build") else uses
+        into = (builds if r["role"].endswith(SHAPE_BUILD_SUFFIX) else
+                engine_units if r["role"] == ENGINE_PREPARE_ROLE else uses)
         into.setdefault((r["phase"], r["regime"]), []).append(
             Use(r["role"], r["signature"], r["count"], r["binding"]))
     stored = db.fits(env)
@@ -185,7 +191,7 @@ def load(db: LatencyDB, model: str, env: str, engine: str) -> Loaded:
         fits[key] = UnitFit(sig["kind"], sig["canonical"], unit_vars(sig["canonical"]),
                             LatencyModel.from_json(model_json["gpu"]), model_json["host_ms"],
                             stored[key]["cv_mape"])
-    return Loaded(model, engine, env, config, uses, fits, missing, builds)
+    return Loaded(model, engine, env, config, uses, fits, missing, builds, engine_units)
 
 
 # --- predict -------------------------------------------------------------------------------------
@@ -322,7 +328,8 @@ class FlatStepTime:
     From a paged-engine profile (`--engine paged`), the step is predicted at (T, N, mean
     cached) directly: the engine's attention reads N·P + T keys in one call; a step whose
     (T, keys) this instance has not seen before also pays the attention's per-shape setup
-    (`shape_build` units, e.g. cuDNN graph builds), so use one instance per simulated run. From a
+    (`shape_build` units, e.g. cuDNN graph builds), so use one instance per simulated run;
+    the engine's batch preparation (`engine_prepare`) is added to every step. From a
     padded-engine profile it is approximated: every token-wise unit (GEMMs, norms,
     activations, ...) runs once over T = Σ new tokens (an LM head over one row per sequence),
     so it is predicted at m = T (or N). Attention is per sequence: prefills (no cache) at
@@ -400,11 +407,15 @@ class FlatStepTime:
         key = (phase, values["T"], values["N"], values["P"])
         if key not in self._memo:
             step = predict_at(self.loaded, phase, values, self.skew)
-            builds = self.loaded.builds.get((phase, step.regime), [])
-            setup = predict_uses(self.loaded, builds, values)[2] if builds else 0.0
-            self._memo[key] = (step.gpu_ms, step.host_ms, setup)
-        gpu, host, setup = self._memo[key]
+            serial = [self._host(units.get((phase, step.regime), []), values)
+                      for units in (self.loaded.builds, self.loaded.engine_units)]
+            self._memo[key] = (step.gpu_ms, step.host_ms, *serial)
+        gpu, host, setup, prepare = self._memo[key]
         if shape in self._shapes:
             setup = 0.0
         self._shapes.add(shape)
-        return (max(gpu, host) + setup) / 1e3  # the setup runs before the first kernel
+        # Batch preparation and the shape setup run on the host before the first kernel.
+        return (prepare + setup + max(gpu, host)) / 1e3
+
+    def _host(self, uses: Sequence[Use], values: dict) -> float:
+        return predict_uses(self.loaded, uses, values)[2] if uses else 0.0

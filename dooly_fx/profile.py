@@ -31,6 +31,7 @@ from dooly_fx.errors import UserError
 from dooly_fx.fused import fused_signature
 from dooly_fx.hostinfo import cpu_name
 from dooly_fx.lowering import UnitCase, lower
+from dooly_fx.names import ENGINE_PREPARE_ROLE, SHAPE_BUILD_SUFFIX
 from dooly_fx.passes.partition import partition, unit_outputs, unit_subgraph
 from dooly_fx.passes.signature import binding, signature, signature_of
 from dooly_fx.passes.taint import META_KEY, Config, TensorLabel, taint
@@ -93,6 +94,8 @@ def collect(specs: Sequence[ModelSpec], engine: EngineProfile, phases: Sequence[
                         _add_shape_build(out, spec.name, builds, key, sig.data)
         for k, attentions in builds.items():  # one setup per attention group and step
             rows[k], bindings[k] = len(attentions), {}
+        if engine.engine == "paged":
+            _add_engine_prepare(out, spec, engine, rows, bindings)
         out.units[spec.name] = [(*k, c, bindings[k]) for k, c in rows.items() if c > 0]
         out.configs[spec.name] = spec.config.to_dict()
         if on_model is not None:
@@ -112,11 +115,29 @@ def _add_shape_build(out: Collection, model: str, builds: dict, key: tuple,
         return
     sig = signature_of(canonical)
     phase, regime, role, attention_key = key
-    builds.setdefault((phase, regime, f"{role}:shape_build", sig.key), set()).add(attention_key)
+    builds.setdefault((phase, regime, f"{role}{SHAPE_BUILD_SUFFIX}", sig.key),
+                      set()).add(attention_key)
     case = out.cases.setdefault(sig.key, UnitCase(sig.key, "shape_build", canonical, None, [],
                                                    [], ["T"]))
     if model not in case.models:
         case.models.append(model)
+
+
+def _add_engine_prepare(out: Collection, spec: ModelSpec, engine: EngineProfile, rows: dict,
+                        bindings: dict) -> None:
+    """The engine's own per-step batch preparation (`paged.engine_prepare`) as one unit of
+    every step a phase records."""
+    from dooly_fx.paged import engine_prepare_canonical
+
+    canonical = engine_prepare_canonical(spec.config, engine.dtype)
+    sig = signature_of(canonical)
+    for phase, regime in sorted({(k[0], k[1]) for k in rows}):
+        rows[(phase, regime, ENGINE_PREPARE_ROLE, sig.key)] = 1
+        bindings[(phase, regime, ENGINE_PREPARE_ROLE, sig.key)] = {}
+    case = out.cases.setdefault(sig.key, UnitCase(sig.key, "engine_prepare", canonical, None,
+                                                   [], [], ["N", "P", "T"]))
+    if spec.name not in case.models:
+        case.models.append(spec.name)
 
 
 def _case(gm, unit, sig) -> UnitCase:

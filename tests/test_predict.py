@@ -177,13 +177,25 @@ def test_paged_engine_profiles_the_engines_own_attention_and_predicts_flat_steps
         assert result.failed == 0 and result.measured > 0
         fit_db(db, env.fingerprint)
         loaded = load(db, spec.name, env.fingerprint, engine.label)
+    from dooly_fx.predict import predict_uses
+
     step = FlatStepTime(loaded)
+    # The engine's batch preparation: one unit per step of each phase, outside `uses`.
+    assert {k: [u.role for u in us] for k, us in loaded.engine_units.items()} == {
+        ("decode", ""): ["engine:prepare_batch"], ("mixed", ""): ["engine:prepare_batch"]}
+
+    def prepare(phase: str, values: dict) -> float:
+        return predict_uses(loaded, loaded.engine_units[(phase, "")], values)[2]
+
     # Two decodes with 32 cached tokens and a 4-token chunk on top of 32: T=6, N=3, P=32.
     expected = predict_step(loaded, [(1, 32), (1, 32), (4, 32)])
     assert expected.values == {"T": 6, "N": 3, "P": 32} and expected.phase == "mixed"
-    assert step([(1, 32), (1, 32), (4, 32)]) * 1e3 == pytest.approx(expected.total_ms)
+    assert prepare("mixed", expected.values) > 0
+    assert step([(1, 32), (1, 32), (4, 32)]) * 1e3 == pytest.approx(
+        expected.total_ms + prepare("mixed", expected.values))
+    decode = predict_step(loaded, [(1, 32), (1, 32)])
     assert step([(1, 16), (1, 48)]) * 1e3 == pytest.approx(
-        predict_step(loaded, [(1, 32), (1, 32)]).total_ms)  # mean cached: same keys read
+        decode.total_ms + prepare("decode", decode.values))  # mean cached: same keys read
 
 
 def test_paged_sdpa_pays_the_attention_setup_once_per_new_shape(tmp_path):
