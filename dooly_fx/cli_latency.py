@@ -148,6 +148,7 @@ def cmd_validate_steps(args: argparse.Namespace) -> None:
             --steps prefill:1x512,decode:8x1024
         python -m dooly_fx validate-steps llama-3.1-8b --db h100.db --measured steps.json
     """
+    from dooly_fx.hostinfo import machine
     from dooly_fx.predict import load
     from dooly_fx.spec import resolve_model
     from dooly_fx.validate import STANDARD_STEPS, MeasuredStep, compare, measure_steps
@@ -172,7 +173,7 @@ def cmd_validate_steps(args: argparse.Namespace) -> None:
             task = bar.add_task(f"steps · {spec.name}", total=len(steps))
             measured = measure_steps(spec, engine, steps, device, reps=args.reps,
                                      on_step=lambda: bar.advance(task))
-        measured_on = _machine(device)
+        measured_on = machine(device)
     report = compare(loaded, measured)
     report.update(environment=env["fingerprint"], device=env["device"],
                   measured_on=measured_on)
@@ -254,21 +255,6 @@ def cmd_coverage(args: argparse.Namespace) -> None:
     if args.json:
         write_json(args.json, {"environment": env["fingerprint"], "device": env["device"],
                                "models": payload})
-
-
-def _machine(device: str) -> dict:
-    """What the steps were measured on: device and library versions."""
-    import torch
-    import transformers
-
-    from dooly_fx.hostinfo import cpu_name
-
-    info = {"torch": torch.__version__, "transformers": transformers.__version__}
-    if device.startswith("cuda"):
-        info["device"] = torch.cuda.get_device_name()
-    else:
-        info["device"] = cpu_name()
-    return info
 
 
 def add_verbs(verbs, engine_args) -> None:

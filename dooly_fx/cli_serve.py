@@ -272,6 +272,7 @@ def cmd_validate_serving(args: argparse.Namespace) -> None:
         python -m dooly_fx validate-serving qwen2.5-7b --attn eager --qps 4 --num-requests 100
         python -m dooly_fx validate-serving llama-3.2-1b --measured serve.json --db h100.db
     """
+    from dooly_fx.cli_latency import _environment, model_name
     from dooly_fx.engine import EngineProfile
     from dooly_fx.predict import FlatStepTime
     from dooly_fx.simulate import preset
@@ -279,8 +280,6 @@ def cmd_validate_serving(args: argparse.Namespace) -> None:
     from dooly_fx.validate_serving import Served, compare, serve
 
     with _open_db(args.db) as db:
-        from dooly_fx.cli_latency import _environment, model_name
-
         env = _environment(db, "cuda" if args.device == "cuda" else "cpu")
         name = model_name(db, args.model)
         loaded = _serving_engine(db, name, env, args.attn, args.dtype)

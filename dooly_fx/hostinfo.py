@@ -15,3 +15,13 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "cpu"
+
+
+def machine(device: str) -> dict:
+    """What a measurement ran on: the device's name, torch and transformers versions."""
+    import torch
+    import transformers
+
+    info = {"torch": torch.__version__, "transformers": transformers.__version__}
+    info["device"] = torch.cuda.get_device_name() if device.startswith("cuda") else cpu_name()
+    return info

@@ -12,6 +12,7 @@ the signature, not a captured graph.
 from __future__ import annotations
 
 import copy
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -154,6 +155,11 @@ def replay_subgraph(case: UnitCase, point: Point, device: str,
     return Runnable(fn, check)
 
 
+def split_tokens(tokens: int, seqs: int) -> list[int]:
+    """`tokens` new tokens split as evenly as possible over `seqs` sequences."""
+    return [round((i + 1) * tokens / seqs) - round(i * tokens / seqs) for i in range(seqs)]
+
+
 @register_lowering("kv_cache_write")
 def _kv_cache_write(case: UnitCase, point: Point, device: str) -> Runnable:
     """The marker op alone: the engine writes the step's K/V inside its attention function,
@@ -161,7 +167,7 @@ def _kv_cache_write(case: UnitCase, point: Point, device: str) -> Runnable:
     (`cu_seqlens_q`, the only int32 input, gets real offsets)."""
     n = point.get("N", 1)
     t = point.get("T", n)
-    offsets = torch.tensor([round(i * t / n) for i in range(n + 1)], dtype=torch.int32,
+    offsets = torch.tensor([0, *itertools.accumulate(split_tokens(t, n))], dtype=torch.int32,
                            device=device)
     args = [offsets if isinstance(a, torch.Tensor) and a.dtype == torch.int32 else a
             for a in materialise(case, point, device)]
@@ -179,7 +185,7 @@ def _paged_attention(case: UnitCase, point: Point, device: str) -> Runnable:
     values = realise(case.symbols, point)
     q, k = (shape_at(lab, values) for lab in case.inputs[:2])  # (T, H, D), (T, Hkv, D)
     n, t, cached = point.get("N", 1), point.get("T", point.get("N", 1)), point.get("P", 0)
-    new = [round((i + 1) * t / n) - round(i * t / n) for i in range(n)]
+    new = split_tokens(t, n)
     impl = case.canonical["scalars"][-1][-1]
     fn, reference = engine_attention(q[1], k[1], q[2], case.inputs[0].dtype, device, impl,
                                      new, [cached] * n)
@@ -218,8 +224,7 @@ def _engine_prepare(case: UnitCase, point: Point, device: str) -> Runnable:
     from dooly_fx.paged import engine_prepare
 
     n, t, cached = point.get("N", 1), point.get("T", point.get("N", 1)), point.get("P", 0)
-    new = [round((i + 1) * t / n) - round(i * t / n) for i in range(n)]
-    fn = engine_prepare(case.canonical, device, new, [cached] * n)
+    fn = engine_prepare(case.canonical, device, split_tokens(t, n), [cached] * n)
     return Runnable(fn, fn)
 
 

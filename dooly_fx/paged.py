@@ -18,10 +18,57 @@ with the read/write indices and block-diagonal mask continuous batching makes
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
 _REGISTERED = False
+
+
+@contextlib.contextmanager
+def cache_memory(available: int):
+    """transformers sizes a `PagedAttentionCache` from the device's free memory (psutil's on
+    CPU, 0 without psutil); inside this block it sees `available` bytes instead."""
+    from unittest import mock
+
+    from transformers.generation.continuous_batching.cache import PagedAttentionMemoryHandler
+
+    with mock.patch.object(PagedAttentionMemoryHandler, "get_available_memory",
+                           return_value=available):
+        yield
+
+
+def batch_cache(config, dtype: torch.dtype, device: str, new: list[int], cached: list[int],
+                block_size: int = 256):
+    """(cache, resolved ContinuousBatchingConfig): a `PagedAttentionCache` made by transformers
+    for `config`, sized for one batch of (new, cached) tokens per sequence (not from free
+    device memory), with the blocks of sequence i allocated under request id `r{i}` in every
+    layer group; sync batching, no CUDA graphs, no block sharing, as `paged|sdpa`/`eager`."""
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+    from transformers.generation.continuous_batching.cache import (
+        PagedAttentionCache,
+        group_layers_by_attn_type,
+    )
+    from transformers.generation.continuous_batching.distributed import DistributedHelper
+    from transformers.generation.continuous_batching.initialization import (
+        resolve_continuous_batching_config,
+    )
+
+    blocks = [-(-(q + c) // block_size) for q, c in zip(new, cached, strict=True)]
+    groups = len(group_layers_by_attn_type(config)[0])
+    cb = resolve_continuous_batching_config(config, ContinuousBatchingConfig(
+        block_size=block_size, num_blocks=groups * sum(blocks) + 1,
+        max_batch_tokens=max(sum(new), 1), max_requests_per_batch=len(new),
+        max_blocks_per_request=0, use_cuda_graph=False, use_async_batching=False,
+        allow_block_sharing=False), None, False)
+    with cache_memory(2**50):
+        cache = PagedAttentionCache(config, cb, device, DistributedHelper(None, None), {},
+                                    dtype=dtype)
+    for i, n in enumerate(blocks):
+        if cache.allocate_blocks(n, f"r{i}", 0) is None:
+            raise RuntimeError(f"the engine's cache could not hold sequence {i}")
+    return cache, cb
 
 
 @torch.library.custom_op("dooly::kv_cache_write", mutates_args=())
@@ -110,28 +157,14 @@ def engine_attention(heads: int, kv_heads: int, head_dim: int, dtype: torch.dtyp
     check `fn` against."""
     import itertools
     from types import SimpleNamespace
-    from unittest import mock
 
     from transformers import AttentionInterface, LlamaConfig
-    from transformers.generation.configuration_utils import ContinuousBatchingConfig
-    from transformers.generation.continuous_batching.cache import (
-        PagedAttentionCache,
-        PagedAttentionMemoryHandler,
-    )
-    from transformers.generation.continuous_batching.distributed import DistributedHelper
     from transformers.generation.continuous_batching.utils import build_attention_mask
 
     config = LlamaConfig(num_hidden_layers=1, num_attention_heads=heads,
                          num_key_value_heads=kv_heads, head_dim=head_dim,
                          hidden_size=heads * head_dim)
-    blocks = [-(-(q + c) // block_size) for q, c in zip(new, cached, strict=True)]
-    cb = ContinuousBatchingConfig(block_size=block_size, num_blocks=sum(blocks) + 1,
-                                  max_batch_tokens=max(sum(new), 1))
-    # The cache is sized here for this batch, not from free device memory.
-    with mock.patch.object(PagedAttentionMemoryHandler, "get_available_memory",
-                           return_value=2**50):
-        cache = PagedAttentionCache(config, cb, device, DistributedHelper(None, None), {},
-                                    dtype=dtype)
+    cache, _ = batch_cache(config, dtype, device, new, cached, block_size)
     generator = torch.Generator(device=device)
     generator.manual_seed(0)
     for layer in (*cache.key_cache, *cache.value_cache):
@@ -139,7 +172,6 @@ def engine_attention(heads: int, kv_heads: int, head_dim: int, dtype: torch.dtyp
     reads: list[list[int]] | None = [[]] if any(cached) else None
     writes: list[list[int]] = [[]]
     for i, (q, c) in enumerate(zip(new, cached, strict=True)):
-        cache.allocate_blocks(blocks[i], f"r{i}", 0)
         cache.extend_read_and_write_indices(f"r{i}", c, q, reads, writes)
     index = {"read_index": [torch.tensor(r, dtype=torch.int64, device=device)
                             for r in (reads or [[]])],
@@ -247,20 +279,9 @@ def engine_prepare(canonical: dict, device: str, new: list[int], cached: list[in
     (input ids, positions, cumulative lengths, the cache's read/write indices, one attention
     mask per layer group, all copied to the device) and `get_model_kwargs`, on transformers'
     own cache and I/O objects sized for the batch. Scheduling is not included."""
-    from unittest import mock
-
     from transformers import LlamaConfig, LogitsProcessorList
-    from transformers.generation.configuration_utils import ContinuousBatchingConfig
-    from transformers.generation.continuous_batching.cache import (
-        PagedAttentionCache,
-        PagedAttentionMemoryHandler,
-    )
     from transformers.generation.continuous_batching.cb_logits_processors import (
         ContinuousBatchingLogitsProcessorList,
-    )
-    from transformers.generation.continuous_batching.distributed import DistributedHelper
-    from transformers.generation.continuous_batching.initialization import (
-        resolve_continuous_batching_config,
     )
     from transformers.generation.continuous_batching.input_outputs import ContinuousBatchingIOs
     from transformers.generation.continuous_batching.requests import (
@@ -269,29 +290,18 @@ def engine_prepare(canonical: dict, device: str, new: list[int], cached: list[in
     )
 
     types, window, block_size, dtype = canonical["scalars"][0]
-    layers = len(types)  # one layer per group type: groups, not layers, shape the work
-    config = LlamaConfig(num_hidden_layers=layers, num_attention_heads=1, num_key_value_heads=1,
-                         head_dim=8, hidden_size=8, vocab_size=16, sliding_window=window,
-                         layer_types=list(types))
-    blocks = [-(-(q + c) // block_size) for q, c in zip(new, cached, strict=True)]
-    t, n = sum(new), len(new)
-    cb = resolve_continuous_batching_config(
-        config, ContinuousBatchingConfig(
-            block_size=block_size, num_blocks=layers * sum(blocks) + 1, max_batch_tokens=t,
-            max_requests_per_batch=n, max_blocks_per_request=0, use_cuda_graph=False,
-            use_async_batching=False, allow_block_sharing=False), None, False)
+    # One layer per group type: groups, not layers, shape the work.
+    config = LlamaConfig(num_hidden_layers=len(types), num_attention_heads=1,
+                         num_key_value_heads=1, head_dim=8, hidden_size=8, vocab_size=16,
+                         sliding_window=window, layer_types=list(types))
     torch_dtype = getattr(torch, dtype)
-    with mock.patch.object(PagedAttentionMemoryHandler, "get_available_memory",
-                           return_value=2**50):
-        cache = PagedAttentionCache(config, cb, device, DistributedHelper(None, None), {},
-                                    dtype=torch_dtype)
+    cache, cb = batch_cache(config, torch_dtype, device, new, cached, block_size)
     processors = ContinuousBatchingLogitsProcessorList(LogitsProcessorList())
     io = ContinuousBatchingIOs(cache, config, cb, torch.device(device), torch_dtype, processors)
+    t = sum(new)
     states, batch = [], []
     for i, (q, c) in enumerate(zip(new, cached, strict=True)):
         state = RequestState(request_id=f"r{i}", initial_tokens=[1] * (q + c))
-        if cache.allocate_blocks(blocks[i], state.request_id, 0) is None:
-            raise RuntimeError(f"the engine's cache could not hold sequence {i}")
         states.append((state, c, [1] * q))
         batch.append(FutureRequestState(state, True, 0, q))
     kv_read = sum(cached)

@@ -117,10 +117,7 @@ def _add_shape_build(out: Collection, model: str, builds: dict, key: tuple,
     phase, regime, role, attention_key = key
     builds.setdefault((phase, regime, f"{role}{SHAPE_BUILD_SUFFIX}", sig.key),
                       set()).add(attention_key)
-    case = out.cases.setdefault(sig.key, UnitCase(sig.key, "shape_build", canonical, None, [],
-                                                   [], ["T"]))
-    if model not in case.models:
-        case.models.append(model)
+    _derived_case(out, sig.key, canonical, ["T"], model)
 
 
 def _add_engine_prepare(out: Collection, spec: ModelSpec, engine: EngineProfile, rows: dict,
@@ -134,10 +131,16 @@ def _add_engine_prepare(out: Collection, spec: ModelSpec, engine: EngineProfile,
     for phase, regime in sorted({(k[0], k[1]) for k in rows}):
         rows[(phase, regime, ENGINE_PREPARE_ROLE, sig.key)] = 1
         bindings[(phase, regime, ENGINE_PREPARE_ROLE, sig.key)] = {}
-    case = out.cases.setdefault(sig.key, UnitCase(sig.key, "engine_prepare", canonical, None,
-                                                   [], [], ["N", "P", "T"]))
-    if spec.name not in case.models:
-        case.models.append(spec.name)
+    _derived_case(out, sig.key, canonical, ["N", "P", "T"], spec.name)
+
+
+def _derived_case(out: Collection, key: str, canonical: dict, symbols: list[str],
+                  model: str) -> None:
+    """A case that is no subgraph of the capture (its lowering builds it from `canonical`)."""
+    case = out.cases.setdefault(key, UnitCase(key, canonical["kind"], canonical, None, [], [],
+                                              symbols))
+    if model not in case.models:
+        case.models.append(model)
 
 
 def _case(gm, unit, sig) -> UnitCase:

@@ -201,7 +201,7 @@ class _Engine:
                          self.dropped, steps)
 
 
-def _stats(x: np.ndarray) -> dict[str, float | None]:
+def latency_stats(x: np.ndarray) -> dict[str, float | None]:
     """p50/p90/p99/mean/max of the finite values, None when there are none."""
     x = x[np.isfinite(x)]
     if x.size == 0:
@@ -286,10 +286,10 @@ class SimResult:
             "dropped": self.dropped,
             "preemptions": int(self.preemptions.sum()),
             "preempted_requests": int((self.preemptions > 0).sum()),
-            "ttft": _stats(self.ttft),
-            "tpot": _stats(self.tpot),
-            "e2e": _stats(self.e2e),
-            "queueing": _stats(self.queueing),
+            "ttft": latency_stats(self.ttft),
+            "tpot": latency_stats(self.tpot),
+            "e2e": latency_stats(self.e2e),
+            "queueing": latency_stats(self.queueing),
             "throughput": {
                 "duration_s": span,
                 "requests_per_s": n_done / span if span > 0 else None,

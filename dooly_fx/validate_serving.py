@@ -132,7 +132,7 @@ def serve(spec, engine, requests: Sequence[Request], device: str = "cuda", *,
     from transformers import GenerationConfig
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
-    from dooly_fx.cli_latency import _machine
+    from dooly_fx.hostinfo import machine
     from dooly_fx.validate import build_model
 
     if not requests:
@@ -215,7 +215,7 @@ def serve(spec, engine, requests: Sequence[Request], device: str = "cuda", *,
     notes = []
     if any(math.isnan(s.submitted_s) for s in served):
         notes.append("some requests never returned: their submission time is unknown")
-    return Served(spec.name, engine.label, settings, _machine(device), served, steps, wall,
+    return Served(spec.name, engine.label, settings, machine(device), served, steps, wall,
                   timed_out, notes)
 
 
@@ -264,21 +264,14 @@ class _StepClock:
             self.processor.__dict__.pop(name, None)
 
 
-@contextlib.contextmanager
 def _host_memory(device: str):
     """On CPU, transformers sizes the cache from psutil's free memory (0 without psutil):
     give it the free physical memory instead."""
+    from dooly_fx.paged import cache_memory
+
     if device.startswith("cuda"):
-        yield
-        return
-    from unittest import mock
-
-    from transformers.generation.continuous_batching.cache import PagedAttentionMemoryHandler
-
-    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    with mock.patch.object(PagedAttentionMemoryHandler, "get_available_memory",
-                           return_value=free):
-        yield
+        return contextlib.nullcontext()
+    return cache_memory(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
 def _warm(manager, rng: np.random.Generator, vocab: int, longest: int) -> None:
@@ -333,14 +326,15 @@ def _metric(measured: np.ndarray, simulated: np.ndarray) -> dict:
     if not m.size:
         return {"requests": 0, "mape": None, "median_ape": None, "p50_error": None,
                 "p90_error": None, "measured": None, "simulated": None}
+    from dooly_fx.simulate import latency_stats
+
     ape = _ape(s, m)
-    mp, sp = np.percentile(m, [50, 90, 99]), np.percentile(s, [50, 90, 99])
+    mp, sp = latency_stats(m), latency_stats(s)
     return {"requests": int(m.size), "mape": float(ape.mean()),
             "median_ape": float(np.median(ape)),
-            "p50_error": float((sp[0] - mp[0]) / mp[0]),
-            "p90_error": float((sp[1] - mp[1]) / mp[1]),
-            "measured": dict(zip(("p50", "p90", "p99"), map(float, mp), strict=True)),
-            "simulated": dict(zip(("p50", "p90", "p99"), map(float, sp), strict=True))}
+            "p50_error": (sp["p50"] - mp["p50"]) / mp["p50"],
+            "p90_error": (sp["p90"] - mp["p90"]) / mp["p90"],
+            "measured": mp, "simulated": sp}
 
 
 def compare(served: Served, step_time: Callable[[], Callable], config) -> tuple[dict, object]:
