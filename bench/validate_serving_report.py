@@ -1,18 +1,23 @@
 """Summarise request-level validation: TTFT/TPOT errors per model and attention, and a plot.
 
-    python bench/validate_serving_report.py [--runs bench/results/serving]
+    python bench/validate_serving_report.py [--runs bench/results/serving] [--db FILE]
 
 Reads the `serving_*.json` files of `validate-serving --json` (each written on the GPU machine
 by bench/validate_serving_gpu.sh: transformers continuous batching serving a trace, and the
 simulator on the same requests), and writes `bench/results/validate_serving.{json,md,png}`:
 per run the MAPE over requests and the p50/p90 errors of TTFT and TPOT, the step-time model's
 error on the engine's own batches, and where the engine's step time went.
+
+With `--db`, every run's measurement is first compared again with the simulator driven by
+that DB (`validate-serving MODEL --measured FILE --db DB`, no GPU), into RUNS/replayed/, so
+the table shows the current step-time model against the same GPU measurements.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -31,10 +36,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=Path, default=Path("bench/results/serving"))
     parser.add_argument("--out", type=Path, default=Path("bench/results/validate_serving.json"))
+    parser.add_argument("--db", type=Path, help="replay every run's prediction with this DB")
     args = parser.parse_args()
     files = sorted(args.runs.glob("serving_*.json"))
     if not files:
         sys.exit(f"{args.runs}: no validate-serving JSON files")
+    if args.db:
+        files = [_replay(path, args.db, args.runs / "replayed") for path in files]
     rows, runs = [], []
     for path in files:
         r = json.loads(path.read_text())
@@ -58,7 +66,11 @@ def main() -> None:
     }
     machine = rows[0]["measured_on"]
     args.out.write_text(json.dumps({"summary": summary, "runs": rows}, indent=1) + "\n")
-    w = rows[0]["workload"]
+    counts = [r["workload"].get("num_requests") for r in rows]
+    usual = max(set(counts), key=counts.count)
+    w = dict(rows[counts.index(usual)]["workload"])
+    others = [f"{r['model']}: {n}" for r, n in zip(rows, counts, strict=True) if n != usual]
+    w["num_requests"] = "N"
     lines = [
         "# Request-level validation (transformers continuous batching vs simulate)", "",
         f"- summarised by: `python {' '.join(sys.argv)}` from `{args.runs}/serving_*.json`",
@@ -69,8 +81,12 @@ def main() -> None:
         f"{w.get('max_output')} --time-limit 120 --json FILE` (eager: `--max-batch-tokens 1024 "
         "--num-blocks 128`)",
         f"- measured on {machine.get('device')}, torch {machine.get('torch')}, transformers "
-        f"{machine.get('transformers')}; predictions from `bench/results/h100.db` (the "
-        "shipped DB)",
+        f"{machine.get('transformers')}; "
+        + (f"predictions replayed from those measurements with `{args.db}` (`validate-serving "
+           "MODEL --measured FILE --db DB`, files in "
+           f"`{args.runs}/replayed/`)" if args.db else
+           "predictions as computed on the GPU machine from the DB it was given"),
+        f"- N = {usual} requests" + (f" ({', '.join(others)})" if others else ""),
         "- MAPE over requests; p50/p90 error = simulated percentile vs measured percentile; "
         "step MAPE = the step-time model on the engine's own recorded batches", "",
         "| model | engine | predicted from | finished | TTFT MAPE | TTFT p50 | TTFT p90 | "
@@ -96,6 +112,23 @@ def main() -> None:
     args.out.with_suffix(".md").write_text("\n".join(lines))
     _plot(runs, args.out.with_suffix(".png"))
     print("\n".join(lines))
+
+
+def _replay(path: Path, db: Path, out: Path) -> Path:
+    """`path`'s measurement compared again with the simulator on `db`; returns the new JSON."""
+    run = json.loads(path.read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / path.name
+    command = [sys.executable, "-m", "dooly_fx", "validate-serving", run["model"], "--db",
+               str(db), "--attn", run["engine"].split("|")[1], "--device", "cuda",
+               "--measured", str(path), "--json", str(target)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"{path}: replay failed: {done.stderr.strip()}")
+    replayed = json.loads(target.read_text())  # the measurement stays in `path` only
+    replayed["measured"] = {"file": str(path)}
+    target.write_text(json.dumps(replayed, indent=1) + "\n")
+    return target
 
 
 def _plot(runs: list[dict], path: Path) -> None:

@@ -173,7 +173,7 @@ def cmd_profile(args: argparse.Namespace) -> None:
     coll = _collect(specs, engine, phases)
     with LatencyDB.open(args.db) as db:
         env = environment(devices[0])
-        before = plan(db, coll, env, bounds, [s.name for s in specs])
+        before = plan(db, coll, env, bounds, [s.name for s in specs], local=True)
         for m in before["models"]:
             if m["missing_points"] == 0:
                 _out.print(f"{m['model']}: all {m['points']} points covered on {env.device}; "
@@ -201,7 +201,7 @@ def cmd_profile(args: argparse.Namespace) -> None:
                         raise UserError(interrupted)
             except KeyboardInterrupt:
                 raise UserError(interrupted) from None
-        after = plan(db, coll, env, bounds, [s.name for s in specs])
+        after = plan(db, coll, env, bounds, [s.name for s in specs], local=True)
     if args.json:
         _write_json(args.json, after)
     _print_profile(results, before, after)
@@ -330,6 +330,36 @@ def cmd_upgrade_db(args: argparse.Namespace) -> None:
           else f"{args.db}: already at schema v{end}")
 
 
+def cmd_forget(args: argparse.Namespace) -> None:
+    """Mark the measured points of some unit kinds of the given models to be measured again,
+    e.g. after their lowering changed; the next `profile` of those models re-measures them
+    (resumable as usual). The models' units are read from the DB as profiled for `--device`.
+
+    example:
+      python -m dooly_fx forget phi-3-mini gemma-2-9b --kind paged_attention --engine paged \
+          --db bench/results/h100.db --device cuda
+    """
+    from dooly_fx.cli_latency import _environment, model_name
+    from dooly_fx.db import LatencyDB
+
+    engine = EngineProfile(engine=args.engine, attn_impl=args.attn, dtype=args.dtype,
+                           kernels=args.kernels).label
+    with LatencyDB.open(args.db, create=False) as db:
+        env = _environment(db, args.device)["fingerprint"]
+        sigs: set[str] = set()
+        for ref in args.models:
+            units = db.model_units(model_name(db, ref), env, engine)
+            if not units:
+                raise UserError(f"{ref}: not profiled for {engine} in {args.db}")
+            sigs |= {u["signature"] for u in units
+                     if db.signature(u["signature"])["kind"] in args.kind}
+        if not sigs:
+            raise UserError(f"no unit of kind {', '.join(args.kind)} in {', '.join(args.models)}")
+        marked = db.forget(env, sorted(sigs), f"forgotten: measure again ({' '.join(sys.argv)})")
+    print(f"{marked} points of {len(sigs)} signatures will be measured again by the next "
+          f"profile of {' '.join(args.models)}")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m dooly_fx",
@@ -385,6 +415,17 @@ def _parser() -> argparse.ArgumentParser:
                           formatter_class=argparse.RawDescriptionHelpFormatter)
     up.add_argument("db", metavar="FILE")
     up.set_defaults(func=cmd_upgrade_db)
+
+    forget = verbs.add_parser("forget", help="mark units' points to be measured again",
+                              description=cmd_forget.__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    forget.add_argument("models", nargs="+", metavar="MODEL")
+    forget.add_argument("--db", required=True, metavar="FILE")
+    forget.add_argument("--kind", required=True, action="append",
+                        help="unit kind (repeatable), e.g. paged_attention")
+    forget.add_argument("--device", default="cuda", choices=("cpu", "cuda"))
+    _engine_args(forget)
+    forget.set_defaults(func=cmd_forget)
 
     from dooly_fx.cli_latency import add_verbs
 

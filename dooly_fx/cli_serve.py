@@ -356,6 +356,11 @@ def _print_serving(p: dict) -> None:
                   f"(bias {_pct(s['bias'], True)})")
     out.print(f"{p['finished']}/{p['requests']} requests finished in {p['wall_s']:.1f} s"
               + (" (time limit reached)" if p["timed_out"] else ""))
+    alloc = p["measured"].get("allocator")
+    if alloc:
+        out.print(f"CUDA allocator during the run: {alloc['device_mallocs']} device mallocs, "
+                  f"{alloc['device_frees']} frees, {alloc['alloc_retries']} retries "
+                  "(each free or retry synchronises the device)")
 
 
 def _plot_serving(p: dict, path: str) -> None:

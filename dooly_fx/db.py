@@ -352,6 +352,17 @@ class LatencyDB:
                 "points = points + excluded.points",
                 (run_id, signature, device_seconds, len(results)))
 
+    def forget(self, env: str, signatures: Sequence[str], why: str) -> int:
+        """Mark the measured points of `signatures` in `env` to be measured again (a changed
+        lowering times them differently): they become failed with no attempts, so fits skip
+        them and the next profile claims them; their old timings stay until then. Returns the
+        number of points marked."""
+        with _transaction(self.conn, immediate=True):
+            return sum(self.conn.execute(
+                "UPDATE points SET status = 'failed', attempts = 0, error = ? WHERE env = ? "
+                "AND signature = ? AND status IN ('ok', 'oom')", (why, env, sig)).rowcount
+                for sig in signatures)
+
     def release(self, env: str, signature: str, points: Sequence[str]) -> None:
         """Give back claims this process did not finish (an interrupted profile)."""
         with _transaction(self.conn, immediate=True):

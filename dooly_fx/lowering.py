@@ -179,16 +179,16 @@ def _paged_attention(case: UnitCase, point: Point, device: str) -> Runnable:
     """One layer of the paged engine's attention, as the engine runs it (`paged.
     engine_attention`): N sequences, T new tokens split evenly, P cached tokens each, on a
     `PagedAttentionCache` built by transformers; checked against plain attention first.
-    The op's sliding window is not applied (every layer reads its whole cache)."""
+    A sliding-window layer (the op's first scalar) runs the engine's rolling-buffer path."""
     from dooly_fx.paged import engine_attention
 
     values = realise(case.symbols, point)
     q, k = (shape_at(lab, values) for lab in case.inputs[:2])  # (T, H, D), (T, Hkv, D)
     n, t, cached = point.get("N", 1), point.get("T", point.get("N", 1)), point.get("P", 0)
     new = split_tokens(t, n)
-    impl = case.canonical["scalars"][-1][-1]
+    window, *_, impl = case.canonical["scalars"][-1]
     fn, reference = engine_attention(q[1], k[1], q[2], case.inputs[0].dtype, device, impl,
-                                     new, [cached] * n)
+                                     new, [cached] * n, window=window)
 
     def check() -> None:
         got = fn()
@@ -224,8 +224,17 @@ def _engine_prepare(case: UnitCase, point: Point, device: str) -> Runnable:
     from dooly_fx.paged import engine_prepare
 
     n, t, cached = point.get("N", 1), point.get("T", point.get("N", 1)), point.get("P", 0)
-    fn = engine_prepare(case.canonical, device, split_tokens(t, n), [cached] * n)
-    return Runnable(fn, fn)
+    new = split_tokens(t, n)
+    fn = engine_prepare(case.canonical, device, new, [cached] * n)
+
+    def check() -> None:
+        kwargs = fn()
+        if list(kwargs["input_ids"].shape) != [1, t] or kwargs["cu_seq_lens_q"].tolist() != [
+                sum(new[:i]) for i in range(n + 1)]:
+            raise AssertionError(f"the engine prepared {kwargs['cu_seq_lens_q'].tolist()} "
+                                 f"for {n} sequences of {new} new tokens")
+
+    return Runnable(fn, check)
 
 
 def moe_routing(tokens: int, top_k: int, experts: int, skew: float,

@@ -148,22 +148,26 @@ def register() -> None:
 
 
 def engine_attention(heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: str,
-                     impl: str, new: list[int], cached: list[int], block_size: int = 256):
+                     impl: str, new: list[int], cached: list[int], block_size: int = 256,
+                     window: int = 0):
     """One layer of the paged engine's attention for a batch of (new, cached) tokens per
     sequence: transformers' `paged|<impl>` function on a `PagedAttentionCache` made by
     transformers (its blocks allocated for the batch), with continuous batching's read/write
-    indices and mask. Returns (fn, reference): `fn()` runs it on fixed q/k/v; `reference()`
-    runs plain causal attention of each sequence over its cache contents and new tokens, to
-    check `fn` against."""
+    indices and mask. A sliding-window layer (`window` > 0) runs the engine's sliding path: a
+    rolling buffer read before it is written (the last `window` - 1 cached tokens, the new ones
+    put in with `masked_scatter_`) and a banded mask. Returns (fn, reference): `fn()` runs it
+    on fixed q/k/v; `reference()` runs plain attention of each sequence over the keys the
+    engine reads (as they were before the first `fn()`) and its new tokens, to check `fn`."""
     import itertools
     from types import SimpleNamespace
 
     from transformers import AttentionInterface, LlamaConfig
     from transformers.generation.continuous_batching.utils import build_attention_mask
 
+    sliding = {"sliding_window": window, "layer_types": ["sliding_attention"]} if window else {}
     config = LlamaConfig(num_hidden_layers=1, num_attention_heads=heads,
                          num_key_value_heads=kv_heads, head_dim=head_dim,
-                         hidden_size=heads * head_dim)
+                         hidden_size=heads * head_dim, **sliding)
     cache, _ = batch_cache(config, dtype, device, new, cached, block_size)
     generator = torch.Generator(device=device)
     generator.manual_seed(0)
@@ -176,11 +180,13 @@ def engine_attention(heads: int, kv_heads: int, head_dim: int, dtype: torch.dtyp
     index = {"read_index": [torch.tensor(r, dtype=torch.int64, device=device)
                             for r in (reads or [[]])],
              "write_index": [torch.tensor(w, dtype=torch.int64, device=device) for w in writes]}
-    t, k_len = sum(new), sum(new) + sum(cached)
+    t = sum(new)
+    seen = [next(iter(cache.get_seqlens_k(c, q).values()))
+            for q, c in zip(new, cached, strict=True)]  # keys each sequence attends over
     cu_q = [0, *itertools.accumulate(new)]
-    cu_k = [0, *itertools.accumulate(q + c for q, c in zip(new, cached, strict=True))]
-    mask = torch.zeros(1, 1, t, k_len, dtype=dtype, device=device)
-    build_attention_mask(mask, cu_q, cu_k)
+    cu_k = [0, *itertools.accumulate(seen)]
+    mask = torch.zeros(1, 1, t, cu_k[-1], dtype=dtype, device=device)
+    build_attention_mask(mask, cu_q, cu_k, sliding_window=window or 1)
     q, k, v = (torch.randn(1, h, t, head_dim, dtype=dtype, device=device, generator=generator)
                for h in (heads, kv_heads, kv_heads))
     module = SimpleNamespace(layer_idx=0, num_key_value_groups=heads // kv_heads,
@@ -188,17 +194,25 @@ def engine_attention(heads: int, kv_heads: int, head_dim: int, dtype: torch.dtyp
     attention = AttentionInterface._global_mapping[f"paged|{impl}"]
     extra = {"cu_seq_lens_q": torch.tensor(cu_q, device=device),
              "cu_seq_lens_k": torch.tensor(cu_k, device=device)}
+    # The keys and values the engine reads, before fn() writes (a rolling buffer reuses slots).
+    read = index["read_index"][0]
+    before = [x[0].index_select(0, read) for x in (cache.key_cache, cache.value_cache)] \
+        if reads and window else None
 
     def fn() -> Tensor:
         return attention(module, q, k, v, mask, scaling=head_dim**-0.5, cache=cache,
                          **index, **extra)[0]
 
-    def reference() -> Tensor:  # (1, T, H, D): the cache as fn() left it, plain attention
-        if reads:
-            keys = cache.key_cache[0].index_select(0, index["read_index"][0])  # (K, Hkv, D)
-            values = cache.value_cache[0].index_select(0, index["read_index"][0])
-        else:
+    def reference() -> Tensor:  # (1, T, H, D): plain attention over what the engine reads
+        if not reads:
             keys, values = k[0].transpose(0, 1), v[0].transpose(0, 1)
+        elif before is None:  # full attention reads the cache after writing the new tokens
+            keys, values = (x[0].index_select(0, read) for x in (cache.key_cache,
+                                                                  cache.value_cache))
+        else:  # sliding: the old contents, the new tokens at the sentinel slots
+            fresh = read == cache.sentinel_index
+            keys, values = before[0].clone(), before[1].clone()
+            keys[fresh], values[fresh] = k[0].transpose(0, 1), v[0].transpose(0, 1)
         groups = heads // kv_heads
         keys, values = (x.transpose(0, 1).repeat_interleave(groups, 0).float()
                         for x in (keys, values))  # (H, K, D)
@@ -260,56 +274,74 @@ ENGINE_BLOCK_SIZE = 256
 """KV block size of transformers continuous batching (`ContinuousBatchingConfig` default)."""
 
 
-def engine_prepare_canonical(config, dtype: str) -> dict:
-    """The `engine_prepare` signature of a model: what the engine's batch preparation depends
-    on besides the batch (T new tokens, N sequences, P cached each), i.e. its attention layer
-    groups as transformers forms them, the sliding window, block size and mask dtype."""
+def engine_prepare_canonical(config, dtype: str, attn_impl: str) -> dict:
+    """The `engine_prepare` signature of a model: what the engine's per-step preparation
+    depends on besides the batch (T new tokens, N sequences, P cached each), i.e. its
+    scheduler, its attention layer groups as transformers forms them, the sliding window, block
+    size, the attention backend (`paged|sdpa` and `paged|eager` need a dense mask) and the
+    mask's dtype."""
     from transformers.generation.continuous_batching.cache import group_layers_by_attn_type
 
     _, types = group_layers_by_attn_type(config)
     window = getattr(config, "sliding_window", None) if "sliding_attention" in types else None
-    return {"kind": "engine_prepare", "ops": ["ContinuousBatchingIOs.prepare_batch_tensors"],
+    return {"kind": "engine_prepare",
+            "ops": ["FIFOScheduler.schedule_batch", "ContinuousBatchingIOs.prepare_batch_tensors"],
             "inputs": [["int64", ["T"]], ["int32", ["N + 1"]], ["int64", ["N*P"]]],
-            "outputs": [], "scalars": [[sorted(types), window, ENGINE_BLOCK_SIZE, dtype]]}
+            "outputs": [],
+            "scalars": [[sorted(types), window, ENGINE_BLOCK_SIZE, dtype, f"paged|{attn_impl}"]]}
 
 
 def engine_prepare(canonical: dict, device: str, new: list[int], cached: list[int]):
-    """`fn()` runs continuous batching's per-step batch preparation for `(new, cached)` per
-    sequence, as the engine does between forwards: `ContinuousBatchingIOs.prepare_batch_tensors`
-    (input ids, positions, cumulative lengths, the cache's read/write indices, one attention
-    mask per layer group, all copied to the device) and `get_model_kwargs`, on transformers'
-    own cache and I/O objects sized for the batch. Scheduling is not included."""
+    """`fn()` (returning the forward's keyword arguments) runs continuous batching's per-step preparation for `(new, cached)` per sequence,
+    as `ContinuousBatchProcessor.prepare_next_batch` does between forwards: the FIFO
+    scheduler picks the batch from its active requests (token budget, block checks, request
+    states), then `ContinuousBatchingIOs.prepare_batch_tensors` builds input ids, positions,
+    cumulative lengths, the cache's read/write indices and one attention mask per layer group,
+    all copied to the device, and `get_model_kwargs` hands them over. Transformers' own
+    scheduler, cache and I/O objects, sized for the batch; requests with one new token are
+    decoding, the others (chunked) prefilling."""
     from transformers import LlamaConfig, LogitsProcessorList
     from transformers.generation.continuous_batching.cb_logits_processors import (
         ContinuousBatchingLogitsProcessorList,
     )
     from transformers.generation.continuous_batching.input_outputs import ContinuousBatchingIOs
-    from transformers.generation.continuous_batching.requests import (
-        FutureRequestState,
-        RequestState,
-    )
+    from transformers.generation.continuous_batching.requests import RequestState, RequestStatus
+    from transformers.generation.continuous_batching.scheduler import FIFOScheduler
 
-    types, window, block_size, dtype = canonical["scalars"][0]
+    types, window, block_size, dtype, attn = canonical["scalars"][0]
     # One layer per group type: groups, not layers, shape the work.
     config = LlamaConfig(num_hidden_layers=len(types), num_attention_heads=1,
                          num_key_value_heads=1, head_dim=8, hidden_size=8, vocab_size=16,
                          sliding_window=window, layer_types=list(types))
+    config._attn_implementation = attn  # decides whether the I/O builds attention masks
     torch_dtype = getattr(torch, dtype)
     cache, cb = batch_cache(config, torch_dtype, device, new, cached, block_size)
     processors = ContinuousBatchingLogitsProcessorList(LogitsProcessorList())
     io = ContinuousBatchingIOs(cache, config, cb, torch.device(device), torch_dtype, processors)
-    t = sum(new)
-    states, batch = [], []
+    # No safety margin: the cache is sized for this batch, so it has no free blocks to keep.
+    scheduler = FIFOScheduler(cache, 0.0, len(new))
+    requests = []
     for i, (q, c) in enumerate(zip(new, cached, strict=True)):
         state = RequestState(request_id=f"r{i}", initial_tokens=[1] * (q + c))
-        states.append((state, c, [1] * q))
-        batch.append(FutureRequestState(state, True, 0, q))
-    kv_read = sum(cached)
+        state.allocated_blocks = -(-(q + c) // block_size)  # batch_cache allocated them
+        decoding = q == 1 and c > 0
+        requests.append((state, c, [1] * q, RequestStatus.DECODING if decoding
+                         else RequestStatus.PREFILLING))
+        scheduler.active_requests[state.request_id] = state
+    tokens = sum(new)
 
     def fn() -> None:
-        for state, c, tokens in states:
-            state.position_offset, state.tokens_to_process = c, tokens
-        io.prepare_batch_tensors(batch, processors, False, t, kv_read, False)
-        io.get_model_kwargs()
+        for state, c, todo, status in requests:  # back to where this step begins
+            state.status, state.position_offset = status, c
+            if status == RequestStatus.DECODING:
+                state.tokens_to_process, state.remaining_prefill_tokens = todo, []
+            else:
+                state.tokens_to_process, state.remaining_prefill_tokens = [], todo
+        batch, fast_path, q_tokens, kv_read = scheduler.schedule_batch(tokens, cache.num_pages)
+        if batch is None or len(batch) != len(requests) or q_tokens != tokens:
+            raise RuntimeError(f"the scheduler took {0 if batch is None else len(batch)} of "
+                               f"{len(requests)} sequences ({q_tokens} of {tokens} tokens)")
+        io.prepare_batch_tensors(batch, processors, fast_path, q_tokens, kv_read, False)
+        return io.get_model_kwargs()
 
     return fn

@@ -407,15 +407,16 @@ class FlatStepTime:
         key = (phase, values["T"], values["N"], values["P"])
         if key not in self._memo:
             step = predict_at(self.loaded, phase, values, self.skew)
-            serial = [self._host(units.get((phase, step.regime), []), values)
-                      for units in (self.loaded.builds, self.loaded.engine_units)]
-            self._memo[key] = (step.gpu_ms, step.host_ms, *serial)
+            builds = self.loaded.builds.get((phase, step.regime), [])
+            prepare = self.loaded.engine_units.get((phase, step.regime), [])
+            # The shape setup is the host time of the attention's first call at a new shape;
+            # the preparation is host work end to end, so its timed latency is its cost.
+            self._memo[key] = (step.gpu_ms, step.host_ms,
+                               predict_uses(self.loaded, builds, values)[2],
+                               predict_uses(self.loaded, prepare, values)[1])
         gpu, host, setup, prepare = self._memo[key]
         if shape in self._shapes:
             setup = 0.0
         self._shapes.add(shape)
         # Batch preparation and the shape setup run on the host before the first kernel.
         return (prepare + setup + max(gpu, host)) / 1e3
-
-    def _host(self, uses: Sequence[Use], values: dict) -> float:
-        return predict_uses(self.loaded, uses, values)[2] if uses else 0.0

@@ -126,7 +126,7 @@ def _add_engine_prepare(out: Collection, spec: ModelSpec, engine: EngineProfile,
     every step a phase records."""
     from dooly_fx.paged import engine_prepare_canonical
 
-    canonical = engine_prepare_canonical(spec.config, engine.dtype)
+    canonical = engine_prepare_canonical(spec.config, engine.dtype, engine.attn_impl)
     sig = signature_of(canonical)
     for phase, regime in sorted({(k[0], k[1]) for k in rows}):
         rows[(phase, regime, ENGINE_PREPARE_ROLE, sig.key)] = 1
@@ -226,10 +226,13 @@ HARDWARE_PEAKS = {  # (dense bf16 FLOP/s, memory bytes/s); CPU: a 2-core machine
 }
 
 
-def _model_signatures(db, coll: Collection, env: Env, model: str) -> tuple[list[str], str]:
-    """A model's signatures: as recorded in the DB for `env` (captured with that environment's
-    software), else from this machine's capture. Returns (signatures, where from)."""
-    recorded = db.model_units(model, env.fingerprint, coll.engine)
+def _model_signatures(db, coll: Collection, env: Env, model: str,
+                      local: bool) -> tuple[list[str], str]:
+    """A model's signatures: from this machine's capture when `env` is this machine's
+    (`local`), else as recorded in the DB for `env` (captured with that environment's
+    software), else from the capture. Returns (signatures, where from)."""
+    recorded = [] if local and model in coll.units else \
+        db.model_units(model, env.fingerprint, coll.engine)
     if recorded:
         return sorted({u["signature"] for u in recorded}), "db"
     if model not in coll.units:
@@ -238,15 +241,17 @@ def _model_signatures(db, coll: Collection, env: Env, model: str) -> tuple[list[
 
 
 def plan(db: LatencyDB, coll: Collection, env: Env, bounds: Bounds,
-         models: Sequence[str]) -> dict:
+         models: Sequence[str], local: bool = False) -> dict:
     """Covered and missing points per model and overall; saving of dedup vs per-model runs.
 
     A model's units come from the DB when it was profiled in `env` before (library versions
-    change which kernels a model runs), else from this machine's capture.
+    change which kernels a model runs), else from this machine's capture. With `local` (the
+    profiler, whose `env` is this machine's), this machine's capture wins: it is what the
+    profile then records, so a unit the recorded one lacks is planned as missing.
     """
     status = db.point_status(env.fingerprint)
     peak_flops, peak_bytes = HARDWARE_PEAKS[env.info["device_type"]]
-    sources = {m: _model_signatures(db, coll, env, m) for m in models}
+    sources = {m: _model_signatures(db, coll, env, m, local) for m in models}
     canonical = {key: case.canonical for key, case in coll.cases.items()}
     for sigs, _ in sources.values():
         for key in sigs:

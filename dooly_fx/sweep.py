@@ -75,6 +75,13 @@ def _feasible(point: dict[str, int], bounds: Bounds) -> bool:
     return b * (point.get("P", 0) + point.get("S", 1)) <= bounds.max_seqs * bounds.max_context
 
 
+def _thin(grid: list[int], step: int) -> list[int]:
+    """Every `step`-th value of a grid, its last (the bound) always kept: a fit should
+    interpolate up to the bound, not extrapolate to it."""
+    kept = grid[::step]
+    return kept if kept[-1] == grid[-1] else [*kept, grid[-1]]
+
+
 def points(canonical: dict, bounds: Bounds) -> list[dict[str, int]]:
     """The sweep points of one signature: the grid product of its variables within bounds."""
     names = request_vars(canonical)
@@ -82,9 +89,9 @@ def points(canonical: dict, bounds: Bounds) -> list[dict[str, int]]:
         return [{}]
     grids: list[list] = [bounds.grid(v) for v in names]
     if len(names) >= 3:  # keep 3-variable sweeps (mixed batches) to a few hundred points
-        grids = [g[::2] if len(g) > 6 else g for g in grids]
+        grids = [_thin(g, 2) if len(g) > 6 else g for g in grids]
     if canonical.get("kind") == "shape_build":  # a setup cost, nearly flat in T
-        grids = [g[::4] for g in grids]
+        grids = [_thin(g, 4) for g in grids]
     if canonical.get("kind") == "moe_experts":  # routing is a value: its skew is swept too
         names, grids = [*names, "skew"], [*grids, list(MOE_SKEWS)]
     out = [dict(zip(names, values, strict=True)) for values in itertools.product(*grids)]

@@ -96,6 +96,9 @@ class Served:
     wall_s: float
     timed_out: bool = False
     notes: list[str] = field(default_factory=list)
+    allocator: dict = field(default_factory=dict)
+    """CUDA caching-allocator events during the run (`_ALLOCATOR_EVENTS`; empty on CPU):
+    device mallocs and frees, and retries after freeing the cache (each one synchronises)."""
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -108,7 +111,8 @@ class Served:
                 machine=data["machine"],
                 requests=[ServedRequest(**r) for r in data["requests"]],
                 steps=[EngineStep(**s) for s in data["steps"]], wall_s=data["wall_s"],
-                timed_out=data.get("timed_out", False), notes=data.get("notes", []))
+                timed_out=data.get("timed_out", False), notes=data.get("notes", []),
+                allocator=data.get("allocator", {}))
         except (KeyError, TypeError) as exc:
             raise UserError(f"not a validate-serving measurement ({exc!r})") from None
 
@@ -170,6 +174,7 @@ def serve(spec, engine, requests: Sequence[Request], device: str = "cuda", *,
         _warm(manager, rng, vocab, min(512, cache.num_blocks * cache.block_size
                                        // (2 * WARMUP_REQUESTS), cache.max_batch_tokens))
         steps.clear()
+        before = _allocator_events(device)
         t0 = time.perf_counter()
         clock.t0 = t0
         feeder_error: list[BaseException] = []
@@ -206,6 +211,7 @@ def serve(spec, engine, requests: Sequence[Request], device: str = "cuda", *,
         if feeder_error:
             raise feeder_error[0]
         wall = time.perf_counter() - t0
+        allocator = {k: v - before[k] for k, v in _allocator_events(device).items()}
     finally:
         manager.stop(block=True, timeout=10, hard_stop=True)
         clock.restore()
@@ -216,7 +222,21 @@ def serve(spec, engine, requests: Sequence[Request], device: str = "cuda", *,
     if any(math.isnan(s.submitted_s) for s in served):
         notes.append("some requests never returned: their submission time is unknown")
     return Served(spec.name, engine.label, settings, machine(device), served, steps, wall,
-                  timed_out, notes)
+                  timed_out, notes, allocator)
+
+
+_ALLOCATOR_EVENTS = {"device_mallocs": "num_device_alloc", "device_frees": "num_device_free",
+                     "alloc_retries": "num_alloc_retries"}
+
+
+def _allocator_events(device: str) -> dict[str, int]:
+    """Cumulative CUDA caching-allocator counters (none on CPU)."""
+    import torch
+
+    if not device.startswith("cuda"):
+        return {}
+    stats = torch.cuda.memory_stats(device)
+    return {name: int(stats.get(key, 0)) for name, key in _ALLOCATOR_EVENTS.items()}
 
 
 class _StepClock:

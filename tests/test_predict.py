@@ -185,7 +185,7 @@ def test_paged_engine_profiles_the_engines_own_attention_and_predicts_flat_steps
         ("decode", ""): ["engine:prepare_batch"], ("mixed", ""): ["engine:prepare_batch"]}
 
     def prepare(phase: str, values: dict) -> float:
-        return predict_uses(loaded, loaded.engine_units[(phase, "")], values)[2]
+        return predict_uses(loaded, loaded.engine_units[(phase, "")], values)[1]
 
     # Two decodes with 32 cached tokens and a 4-token chunk on top of 32: T=6, N=3, P=32.
     expected = predict_step(loaded, [(1, 32), (1, 32), (4, 32)])

@@ -217,10 +217,22 @@ def test_plan_reads_units_recorded_in_the_db(tmp_path):
     with LatencyDB.open(tmp_path / "lat.db") as db:
         profile(db, coll, env, bounds, "cpu", "test", budget_ms=(0.5, 1.0))
         report = plan(db, Collection(), env, bounds, [spec.name])  # nothing captured here
-    (model,) = report["models"]
-    assert model["units_from"] == "db"
-    assert model["signatures"] == len(coll.cases)
-    assert model["missing_points"] == 0 and model["covered_points"] > 0
+        (model,) = report["models"]
+        assert model["units_from"] == "db"
+        assert model["signatures"] == len(coll.cases)
+        assert model["missing_points"] == 0 and model["covered_points"] > 0
+        # The model was recorded before one of its units existed (a newer capture has it, not
+        # yet profiled): the profiler plans from its own capture, so that unit is missing.
+        units = coll.units[spec.name]
+        new = units[-1][3]
+        db.conn.execute("DELETE FROM points WHERE signature = ?", (new,))
+        db.set_model(spec.name, env.fingerprint, coll.engine, coll.configs[spec.name],
+                     [u for u in units if u[3] != new])
+        old = plan(db, coll, env, bounds, [spec.name])["models"][0]
+        here = plan(db, coll, env, bounds, [spec.name], local=True)["models"][0]
+    assert old["signatures"] == len(coll.cases) - 1 and old["missing_points"] == 0
+    assert here["signatures"] == len(coll.cases) and here["missing_points"] > 0
+    assert here["units_from"] == "capture"
 
 
 @pytest.mark.parametrize("impl", ["grouped_mm", "batched_mm"])

@@ -306,3 +306,29 @@ def test_validate_serving_needs_a_workload_and_a_real_measurement(tiny_db, tmp_p
     bogus = tmp_path / "bogus.json"
     bogus.write_text('{"measured": {"model": "x"}}')
     assert "not a validate-serving" in _one_line_error(capsys, *base, "--measured", str(bogus))
+
+
+def test_forget_marks_a_kind_to_be_measured_again(tiny_db, tmp_path, capsys):
+    """`forget --kind norm` marks exactly the model's norm points (status failed, no attempts,
+    old timing kept), fits then skip them, and a user mistake is one line."""
+    import shutil
+
+    path = tmp_path / "copy.db"
+    shutil.copy(tiny_db[0], path)
+    with LatencyDB.open(path, create=False, readonly=True) as db:
+        env = db.environments()[-1]["fingerprint"]
+        norms = {u["signature"] for u in db.model_units(tiny_db[1], env, "padded|sdpa|bfloat16")
+                 if db.signature(u["signature"])["kind"] == "norm"}
+        expected = sum(len(db.ok_points(env, s)) for s in norms)
+    code, out, _ = _cli(capsys, "forget", tiny_db[1], "--db", str(path), "--kind", "norm",
+                        "--device", "cpu")
+    assert code == 0 and out.startswith(f"{expected} points of {len(norms)} signatures")
+    with LatencyDB.open(path, create=False, readonly=True) as db:
+        rows = [r for (sig, _), r in db.point_status(env).items() if sig in norms]
+        assert len(rows) == expected and norms and expected > 0
+        assert all(r["status"] == "failed" and r["attempts"] == 0 and r["median_ms"] > 0
+                   for r in rows)
+        assert all(not db.ok_points(env, s) for s in norms)
+    line = _one_line_error(capsys, "forget", tiny_db[1], "--db", str(path), "--kind", "moe",
+                           "--device", "cpu")
+    assert line == f"error: no unit of kind moe in {tiny_db[1]}"

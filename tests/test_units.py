@@ -123,3 +123,39 @@ def test_inlined_eager_attention_is_attention():
     assert _classify(compute, "model.layers.0.self_attn", "LlamaAttention", "forward") == \
         "attention"
     assert _classify(compute[:1], "model.layers.0.mlp", "LlamaMLP", "forward") == "elementwise"
+
+
+def test_engine_prepare_schedules_the_batch_and_builds_its_masks():
+    """The engine's per-step preparation runs transformers' FIFO scheduler over the batch's
+    requests (decodes and a chunked prefill), then its batch tensors: every sequence is
+    scheduled, read indices cover cached + new tokens, and paged|sdpa gets a block-diagonal
+    causal mask; the same step can be prepared again (the microbenchmark repeats it)."""
+    from transformers import LlamaConfig
+
+    canonical = paged.engine_prepare_canonical(LlamaConfig(), "float32", "sdpa")
+    assert canonical["ops"][0] == "FIFOScheduler.schedule_batch"
+    fn = paged.engine_prepare(canonical, "cpu", [1, 4, 1], [40, 300, 0])
+    for _ in range(2):
+        kwargs = fn()
+        assert kwargs["cu_seq_lens_q"].tolist() == [0, 1, 5, 6]
+        assert kwargs["position_ids"].tolist() == [[40, *range(300, 304), 0]]
+        assert [len(r) for r in kwargs["read_index"]] == [41 + 304 + 1]
+        mask = kwargs["attention_mask"]
+        assert list(mask.shape) == [1, 1, 6, 346]
+        visible = (mask[0, 0] == 0).sum(-1).tolist()
+        assert visible == [41, 301, 302, 303, 304, 1]
+    eager = paged.engine_prepare_canonical(LlamaConfig(), "float32", "eager")
+    assert eager["scalars"][0][-1] == "paged|eager" and eager != canonical
+
+
+def test_engine_attention_runs_the_sliding_window_path():
+    """A sliding-window layer reads at most window - 1 cached tokens of each sequence from the
+    engine's rolling buffer before writing the new ones (masked_scatter_ puts them in), and
+    its output matches plain attention over exactly those keys; a full layer reads them all."""
+    torch.manual_seed(0)
+    new, cached = [1, 3, 1], [20, 4, 0]
+    for window in (8, 0):
+        fn, reference = paged.engine_attention(4, 2, 16, torch.float32, "cpu", "sdpa", new,
+                                               cached, block_size=16, window=window)
+        got = fn()
+        torch.testing.assert_close(got, reference(), rtol=1e-4, atol=1e-4)
