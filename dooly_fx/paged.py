@@ -292,14 +292,15 @@ def engine_prepare_canonical(config, dtype: str, attn_impl: str) -> dict:
 
 
 def engine_prepare(canonical: dict, device: str, new: list[int], cached: list[int]):
-    """`fn()` (returning the forward's keyword arguments) runs continuous batching's per-step preparation for `(new, cached)` per sequence,
-    as `ContinuousBatchProcessor.prepare_next_batch` does between forwards: the FIFO
-    scheduler picks the batch from its active requests (token budget, block checks, request
-    states), then `ContinuousBatchingIOs.prepare_batch_tensors` builds input ids, positions,
-    cumulative lengths, the cache's read/write indices and one attention mask per layer group,
-    all copied to the device, and `get_model_kwargs` hands them over. Transformers' own
-    scheduler, cache and I/O objects, sized for the batch; requests with one new token are
-    decoding, the others (chunked) prefilling."""
+    """`fn()` runs continuous batching's per-step preparation for `(new, cached)` per sequence
+    and returns the forward's keyword arguments, as `ContinuousBatchProcessor.
+    prepare_next_batch` does between forwards: the FIFO scheduler picks the batch from its
+    active requests (token budget, block checks, request states), then `ContinuousBatchingIOs.
+    prepare_batch_tensors` builds input ids, positions, cumulative lengths, the cache's
+    read/write indices and one attention mask per layer group, all copied to the device, and
+    `get_model_kwargs` hands them over. Transformers' own scheduler, cache and I/O objects,
+    sized for the batch; requests with one new token are decoding, the others (chunked)
+    prefilling."""
     from transformers import LlamaConfig, LogitsProcessorList
     from transformers.generation.continuous_batching.cb_logits_processors import (
         ContinuousBatchingLogitsProcessorList,
