@@ -305,7 +305,7 @@ def cmd_validate_serving(args: argparse.Namespace) -> None:
                                 total=len(reqs))
             served = serve(spec, engine, reqs, device, num_blocks=args.num_blocks,
                            max_batch_tokens=args.max_batch_tokens, max_seqs=args.max_seqs,
-                           block_size=args.block_size or 256, time_limit_s=args.time_limit,
+                           block_size=args.block_size, time_limit_s=args.time_limit,
                            on_done=lambda n: bar.update(task, completed=n))
     st = served.settings
     cfg = preset("transformers", block_size=st["block_size"], num_blocks=st["num_blocks"],
@@ -459,7 +459,8 @@ def add_verbs(verbs, engine_args) -> None:
     eng = val.add_argument_group("engine (default: as transformers sizes it)")
     eng.add_argument("--max-batch-tokens", type=_positive_int, metavar="N")
     eng.add_argument("--max-seqs", type=_positive_int, metavar="N")
-    eng.add_argument("--block-size", type=_positive_int, metavar="N", help="default 256")
+    eng.add_argument("--block-size", type=_positive_int, metavar="N",
+                     help="default: transformers' (256)")
     eng.add_argument("--num-blocks", type=_positive_int, metavar="N")
     val.add_argument("--time-limit", type=float, default=600.0, metavar="S",
                      help="stop serving S seconds after the last arrival (default 600)")

@@ -25,6 +25,9 @@ from torch import Tensor
 
 _REGISTERED = False
 
+ENGINE_BLOCK_SIZE = 256
+"""KV block size of transformers continuous batching (`ContinuousBatchingConfig` default)."""
+
 
 @contextlib.contextmanager
 def cache_memory(available: int):
@@ -39,8 +42,13 @@ def cache_memory(available: int):
         yield
 
 
+def blocks_for(tokens: int, block_size: int) -> int:
+    """KV blocks a sequence of `tokens` tokens holds."""
+    return -(-tokens // block_size)
+
+
 def batch_cache(config, dtype: torch.dtype, device: str, new: list[int], cached: list[int],
-                block_size: int = 256):
+                block_size: int = ENGINE_BLOCK_SIZE):
     """(cache, resolved ContinuousBatchingConfig): a `PagedAttentionCache` made by transformers
     for `config`, sized for one batch of (new, cached) tokens per sequence (not from free
     device memory), with the blocks of sequence i allocated under request id `r{i}` in every
@@ -55,7 +63,7 @@ def batch_cache(config, dtype: torch.dtype, device: str, new: list[int], cached:
         resolve_continuous_batching_config,
     )
 
-    blocks = [-(-(q + c) // block_size) for q, c in zip(new, cached, strict=True)]
+    blocks = [blocks_for(q + c, block_size) for q, c in zip(new, cached, strict=True)]
     groups = len(group_layers_by_attn_type(config)[0])
     cb = resolve_continuous_batching_config(config, ContinuousBatchingConfig(
         block_size=block_size, num_blocks=groups * sum(blocks) + 1,
@@ -148,7 +156,8 @@ def register() -> None:
 
 
 def engine_attention(heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: str,
-                     impl: str, new: list[int], cached: list[int], block_size: int = 256,
+                     impl: str, new: list[int], cached: list[int],
+                     block_size: int = ENGINE_BLOCK_SIZE,
                      window: int = 0):
     """One layer of the paged engine's attention for a batch of (new, cached) tokens per
     sequence: transformers' `paged|<impl>` function on a `PagedAttentionCache` made by
@@ -270,10 +279,6 @@ def new_shape_attention(heads: int, head_dim: int, dtype: torch.dtype, device: s
 
 # --- the engine's own per-step work -----------------------------------------------------------
 
-ENGINE_BLOCK_SIZE = 256
-"""KV block size of transformers continuous batching (`ContinuousBatchingConfig` default)."""
-
-
 def engine_prepare_canonical(config, dtype: str, attn_impl: str) -> dict:
     """The `engine_prepare` signature of a model: what the engine's per-step preparation
     depends on besides the batch (T new tokens, N sequences, P cached each), i.e. its
@@ -324,7 +329,7 @@ def engine_prepare(canonical: dict, device: str, new: list[int], cached: list[in
     requests = []
     for i, (q, c) in enumerate(zip(new, cached, strict=True)):
         state = RequestState(request_id=f"r{i}", initial_tokens=[1] * (q + c))
-        state.allocated_blocks = -(-(q + c) // block_size)  # batch_cache allocated them
+        state.allocated_blocks = blocks_for(q + c, block_size)  # as batch_cache did
         decoding = q == 1 and c > 0
         requests.append((state, c, [1] * q, RequestStatus.DECODING if decoding
                          else RequestStatus.PREFILLING))

@@ -124,7 +124,8 @@ class Served:
 
 def serve(spec, engine, requests: Sequence[Request], device: str = "cuda", *,
           num_blocks: int | None = None, max_batch_tokens: int | None = None,
-          max_seqs: int | None = None, block_size: int = 256, time_limit_s: float = 600.0,
+          max_seqs: int | None = None, block_size: int | None = None,
+          time_limit_s: float = 600.0,
           on_done: Callable[[int], None] | None = None, seed: int = 0) -> Served:
     """Serve `requests` (arrival times honoured) with transformers continuous batching on
     `device`; settings left None are sized by the engine (from free memory) and recorded.
@@ -137,6 +138,7 @@ def serve(spec, engine, requests: Sequence[Request], device: str = "cuda", *,
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
     from dooly_fx.hostinfo import machine
+    from dooly_fx.paged import ENGINE_BLOCK_SIZE
     from dooly_fx.validate import build_model
 
     if not requests:
@@ -146,9 +148,10 @@ def serve(spec, engine, requests: Sequence[Request], device: str = "cuda", *,
     rng = np.random.default_rng(seed)
     gen = GenerationConfig(do_sample=False, eos_token_id=-1, pad_token_id=0, max_new_tokens=1)
     cb = ContinuousBatchingConfig(
-        block_size=block_size, num_blocks=num_blocks, max_batch_tokens=max_batch_tokens,
-        max_requests_per_batch=max_seqs, max_blocks_per_request=0, allow_block_sharing=False,
-        use_cuda_graph=False, use_async_batching=False, scheduler_type="fifo")
+        block_size=block_size or ENGINE_BLOCK_SIZE, num_blocks=num_blocks,
+        max_batch_tokens=max_batch_tokens, max_requests_per_batch=max_seqs,
+        max_blocks_per_request=0, allow_block_sharing=False, use_cuda_graph=False,
+        use_async_batching=False, scheduler_type="fifo")
     manager = model.init_continuous_batching(generation_config=gen, continuous_batching_config=cb)
     with _host_memory(device):
         manager.warmup()  # creates the batch processor and its cache
