@@ -21,22 +21,29 @@ sum over layers gives back our step total:
 | emb | embedding (and Gemma's embedding scale), per call |
 | input_layernorm | norm: `input_layernorm` |
 | attn_pre_proj | gemm: `self_attn.{q,k,v,qkv}_proj`, norm: `self_attn.{q,k}_norm` |
-| attn_rope | rotary, when captured apart (else it is inside the attention unit) |
+| attn_rope | rotary, when captured apart (else it is inside the attention unit); the |
+|           | elementwise unit of `self_attn` (a paged capture's rotary application) |
 | attn_post_proj | gemm: `self_attn.o_proj` |
 | post_attention_layernorm | norm: `post_attention_layernorm`, `{pre,post}_feedforward_*` |
 | mlp_up_proj | gemm: `mlp.{gate,up,gate_up}_proj`; MoE: router and experts |
 | mlp_act | act_mul, act |
 | mlp_down_proj | gemm: `mlp.down_proj` |
 | add | residual (both adds of a layer) |
-| attn_kv_cache_save | kv_cache_write (paged captures) at num_tokens; else 0 |
+| attn_kv_cache_save | kv_cache_write at num_tokens when its latency depends on the token |
+|                    | count alone; else it is an attention-side unit (below) |
 | attn_prefill | attention-side units (below) of a prefill (B=1, S=chunk), or of a |
 |              | chunked prefill (B=1, S=chunk, P=cached) |
 | attn_decode | attention-side units of a decode step (B=batch, P=cached) |
 | not exported | LM head, final norm, other once-per-step token units |
 
 Attention-side units are those whose latency depends on more than the token count: the
-attention unit (with the rotary and cache copy the padded engine fuses into it), masks, and the
-rotary cos/sin table (once per step, spread over the layers like every op but `emb`).
+attention unit (with the rotary and cache copy the padded engine fuses into it), masks, the
+paged engine's cache write, and the rotary cos/sin table (once per step, spread over the layers
+like every op but `emb`).
+
+Every row is predicted at the request values of the profile's own engine (`batch_values`): a
+padded profile at (B, S, P), a paged one (`--engine paged`) at (T, N, P) with T = N for a
+decode batch, as `FlatStepTime` predicts the steps the simulator runs.
 `attn_input_reshape` and `attn_output_reshape` are 0: they are inside our attention units.
 """
 
@@ -49,7 +56,7 @@ from pathlib import Path
 
 from dooly_fx.costs import cost
 from dooly_fx.errors import UserError
-from dooly_fx.predict import DEFAULT_SKEW, FlatStepTime, Loaded, Use, unit_point
+from dooly_fx.predict import DEFAULT_SKEW, FlatStepTime, Loaded, Use, batch_values, unit_point
 
 STATS = ("min", "max", "mean", "median", "std")
 MLP_OPS = ("emb", "input_layernorm", "attn_pre_proj", "attn_rope", "attn_post_proj",
@@ -80,6 +87,7 @@ MLP_MAP: tuple[tuple[str, str, str | None], ...] = (
     ("gemm", r"mlp\.down_proj$", "mlp_down_proj"),
     ("residual", r"", "add"),
     ("rotary", r"", "attn_rope"),
+    ("elementwise", r"self_attn(:\w+)?$", "attn_rope"),
     ("kv_cache_write", r"", "attn_kv_cache_save"),
 )
 """(unit kind, pattern searched in the unit's role, Vidur op) for token-wise units."""
@@ -205,8 +213,9 @@ def export_vidur(loaded: Loaded, max_tokens: int = 4096, max_batch: int = 128,
 
     def tokens_ms(n: int) -> dict[str, float]:
         per_op = dict.fromkeys(MLP_OPS, 0.0) | {"attn_kv_cache_save": 0.0}
+        values = batch_values([(n, 0)], loaded.engine)[1]  # one sequence of n new tokens
         for op, use in tokenwise:
-            ms = use.count * _gpu_ms(loaded, use, {"B": 1, "S": n, "P": 0})
+            ms = use.count * _gpu_ms(loaded, use, values)
             per_op[op] += ms if op == "emb" else ms / layers
         return per_op
 
@@ -223,14 +232,11 @@ def export_vidur(loaded: Loaded, max_tokens: int = 4096, max_batch: int = 128,
                  "attention_backend": loaded.engine}
     saves = [(op, use) for op, use in tokenwise if op == "attn_kv_cache_save"]
     for chunk, cached, batch, is_prefill in attention_grid(max_tokens, max_batch):
-        if is_prefill:
-            phase, values = ("mixed", {"B": 1, "S": chunk, "P": cached}) if cached else \
-                ("prefill", {"B": 1, "S": chunk, "P": 0})
-        else:
-            phase, values = "decode", {"B": batch, "S": 1, "P": cached}
+        seqs = [(chunk, cached)] if is_prefill else [(1, cached)] * batch
+        phase, values = batch_values(seqs, loaded.engine)  # prefill, mixed or decode
         gpu, _ = flat.attention(phase, values)
         tokens = max(chunk, batch)
-        save = sum(u.count * _gpu_ms(loaded, u, {"B": 1, "S": tokens, "P": 0})
+        save = sum(u.count * _gpu_ms(loaded, u, batch_values([(tokens, 0)], loaded.engine)[1])
                    for _, u in saves) / layers
         row = _stats("attn_input_reshape", 0.0) | _stats("attn_kv_cache_save", save) | \
             _stats("attn_output_reshape", 0.0)

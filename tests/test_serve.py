@@ -245,6 +245,45 @@ def test_export_vidur_headers_times_and_agreement_with_predict(tiny_db, tmp_path
         assert float(row["time_stats.attn_decode.median"]) == pytest.approx(want, rel=1e-9)
 
 
+def test_export_vidur_from_a_paged_profile_follows_the_token_count(tmp_path, capsys):
+    """Regression: a paged profile binds its units to (T, N, P); rows predicted at (B, S, P)
+    gave every num_tokens the 1-token time, and the paged capture's rotary unit was dropped."""
+    from dooly_fx.predict import load, predict_step
+
+    out = tmp_path / "paged"
+    code, _, _ = _cli(capsys, "export-vidur", "llama-3.1-8b", "--engine", "paged", "--out",
+                      str(out), "--max-tokens", "128", "--max-batch-size", "4", "--block-size",
+                      "256")
+    assert code == 0
+    _, mlp = _rows(out / "mlp.csv")
+    _, attn = _rows(out / "attention.csv")
+    with LatencyDB.open(SHIPPED_DB, create=False, readonly=True) as db:
+        loaded = load(db, "llama-3.1-8b", H100_ENV, "paged|sdpa|bfloat16")
+    layers = loaded.config["num_hidden_layers"]
+    ops = {"attn_pre_proj": ("q_proj", "k_proj", "v_proj"), "attn_rope": ("self_attn:model",),
+           "mlp_up_proj": ("gate_proj", "up_proj"), "mlp_down_proj": ("down_proj",)}
+    for row in mlp:
+        step = predict_step(loaded, [(int(row["num_tokens"]), 0)])
+        for op, leaves in ops.items():
+            want = sum(u.count * u.gpu_ms for u in step.units
+                       if u.role.rsplit(".", 1)[-1] in leaves) / layers
+            assert float(row[f"time_stats.{op}.median"]) == pytest.approx(want, rel=1e-9)
+    first, last = mlp[0], mlp[-1]
+    assert (first["num_tokens"], last["num_tokens"]) == ("1", "128")
+    for op in ops:
+        assert float(last[f"time_stats.{op}.median"]) > float(first[f"time_stats.{op}.median"])
+    assert {r["block_size"] for r in attn} == {"256"}
+    for row in attn:
+        chunk, cached = int(row["prefill_chunk_size"]), int(row["kv_cache_size"])
+        prefill = row["is_prefill"] == "True"
+        batch = [(chunk, cached)] if prefill else [(1, cached)] * int(row["batch_size"])
+        step = predict_step(loaded, batch)
+        want = sum(u.count * u.gpu_ms for u in step.units
+                   if set(u.point) - {"m", "skew"}) / layers
+        column = "attn_prefill" if prefill else "attn_decode"
+        assert float(row[f"time_stats.{column}.median"]) == pytest.approx(want, rel=1e-9)
+
+
 def test_vidur_grids_match_vidur():
     with VIDUR_MLP.open() as fh:
         tokens = sorted({int(r["num_tokens"]) for r in csv.DictReader(fh)})
