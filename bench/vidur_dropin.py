@@ -72,7 +72,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dooly_fx.hostinfo import cpu_name  # noqa: E402
-from dooly_fx.validate_serving import _metric  # noqa: E402
+from dooly_fx.validate_serving import _metric, _num  # noqa: E402
 
 DEFAULT_RUN = ROOT / "bench" / "results" / "serving" / "serving_llama-3.1-8b_sdpa.json"
 VIDUR_VERSION = "0.0.26"
@@ -542,10 +542,6 @@ def differences(settings: dict, v: dict, exported: dict) -> list[str]:
         "TPOT: Vidur's own decode metric divides by all output tokens; here every TPOT is "
         "(last token - first token) / (output tokens - 1), the measurement's definition.",
     ]
-
-
-def _num(x: float) -> float | None:
-    return None if not math.isfinite(x) else float(x)
 
 
 def _version(package: str) -> str | None:

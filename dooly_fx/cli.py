@@ -13,7 +13,8 @@ from contextlib import contextmanager
 from rich.markup import escape
 from rich.table import Table
 
-from dooly_fx.engine import ATTN_IMPLS, ENGINES, PHASES, EngineProfile
+from dooly_fx.cli_args import add_verb, engine_args
+from dooly_fx.engine import PHASES, EngineProfile
 from dooly_fx.errors import UserError
 from dooly_fx.ui import err as _err
 from dooly_fx.ui import out as _out
@@ -366,30 +367,25 @@ def _parser() -> argparse.ArgumentParser:
         description="Predict LLM serving latency from symbolic captures and per-op profiles.")
     verbs = parser.add_subparsers(dest="verb", required=True)
 
-    zoo = verbs.add_parser("zoo", help="list the built-in models", description=cmd_zoo.__doc__,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    zoo = add_verb(verbs, "zoo", cmd_zoo, "list the built-in models")
     zoo.add_argument("--json", metavar="FILE", help="also write the list as JSON")
-    zoo.set_defaults(func=cmd_zoo)
 
-    cap = verbs.add_parser("capture", help="capture models and print labelled op units",
-                           description=cmd_capture.__doc__,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    cap = add_verb(verbs, "capture", cmd_capture,
+                   "capture models and print labelled op units")
     cap.add_argument("models", nargs="+", metavar="MODEL",
                      help="zoo name, HF id (zoo or local HF cache), config.json or model folder")
     cap.add_argument("--phase", default="all", choices=[*PHASES, "all"])
-    _engine_args(cap)
+    engine_args(cap)
     cap.add_argument("--full-depth", action="store_true",
                      help="build every decoder layer instead of the repeating period")
     cap.add_argument("--shared", action="store_true",
                      help="show which signatures the given models share")
     cap.add_argument("--json", metavar="FILE", help="write the report as JSON")
     cap.add_argument("--quiet", action="store_true", help="print no tables")
-    cap.set_defaults(func=cmd_capture)
 
     for name, func, text in (("plan", cmd_plan, "covered vs missing points, and the dedup saving"),
                              ("profile", cmd_profile, "profile missing points into a latency DB")):
-        verb = verbs.add_parser(name, help=text, description=func.__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+        verb = add_verb(verbs, name, func, text)
         verb.add_argument("models", nargs="+", metavar="MODEL")
         verb.add_argument("--db", required=True, metavar="FILE", help="latency DB (SQLite)")
         verb.add_argument("--device", default="cuda", choices=("cpu", "cuda"))
@@ -397,7 +393,7 @@ def _parser() -> argparse.ArgumentParser:
         verb.add_argument("--max-seqs", type=int, default=256, help="sequences per step")
         verb.add_argument("--max-context", type=int, default=32768,
                           help="cached + new tokens of one sequence")
-        _engine_args(verb)
+        engine_args(verb)
         verb.add_argument("--phase", default="all", choices=[*PHASES, "all"])
         verb.add_argument("--json", metavar="FILE",
                           help="write the plan (for profile: after profiling) as JSON")
@@ -408,43 +404,27 @@ def _parser() -> argparse.ArgumentParser:
                               help="warm-up budget per point")
             verb.add_argument("--rep-ms", type=float, default=100.0,
                               help="timed repetitions budget per point (>= 10 samples)")
-        verb.set_defaults(func=func)
 
-    up = verbs.add_parser("upgrade-db", help="upgrade a latency DB to this version's schema",
-                          description=cmd_upgrade_db.__doc__,
-                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    up = add_verb(verbs, "upgrade-db", cmd_upgrade_db,
+                  "upgrade a latency DB to this version's schema")
     up.add_argument("db", metavar="FILE")
-    up.set_defaults(func=cmd_upgrade_db)
 
-    forget = verbs.add_parser("forget", help="mark units' points to be measured again",
-                              description=cmd_forget.__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    forget = add_verb(verbs, "forget", cmd_forget,
+                      "mark units' points to be measured again")
     forget.add_argument("models", nargs="+", metavar="MODEL")
     forget.add_argument("--db", required=True, metavar="FILE")
     forget.add_argument("--kind", required=True, action="append",
                         help="unit kind (repeatable), e.g. paged_attention")
     forget.add_argument("--device", default="cuda", choices=("cpu", "cuda"))
-    _engine_args(forget)
-    forget.set_defaults(func=cmd_forget)
+    engine_args(forget)
 
     from dooly_fx.cli_latency import add_verbs
 
-    add_verbs(verbs, _engine_args)
+    add_verbs(verbs)
     from dooly_fx.cli_serve import add_verbs as add_serve_verbs
 
-    add_serve_verbs(verbs, _engine_args)
+    add_serve_verbs(verbs)
     return parser
-
-
-def _engine_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--engine", default="padded", choices=ENGINES,
-                        help="padded: model(input_ids[B,S]) with DynamicCache; paged: continuous "
-                             "batching, tokens flattened to [1,T] (default: padded)")
-    parser.add_argument("--attn", default="sdpa", choices=ATTN_IMPLS, help="attention impl")
-    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
-    parser.add_argument("--kernels", default="eager", choices=("eager", "triton"),
-                        help="triton: the fused-engine variant (norms and SiLU·mul as one Triton "
-                             "kernel each)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from rich.table import Table
 
+from dooly_fx.cli_args import add_verb, engine_args
 from dooly_fx.db import LatencyDB
 from dooly_fx.engine import EngineProfile
 from dooly_fx.errors import UserError
@@ -257,31 +258,25 @@ def cmd_coverage(args: argparse.Namespace) -> None:
                                "models": payload})
 
 
-def add_verbs(verbs, engine_args) -> None:
+def add_verbs(verbs) -> None:
     """Register this module's verbs on the main parser's subparsers."""
-    fit = verbs.add_parser("fit", help="fit latency models for profiled signatures",
-                           description=cmd_fit.__doc__,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    fit = add_verb(verbs, "fit", cmd_fit, "fit latency models for profiled signatures")
     fit.add_argument("--db", required=True, metavar="FILE")
     fit.add_argument("--json", metavar="FILE", help="write what was fitted as JSON")
-    fit.set_defaults(func=cmd_fit)
 
-    cov = verbs.add_parser("coverage", help="per-unit coverage and fit quality of models",
-                           description=cmd_coverage.__doc__,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    cov = add_verb(verbs, "coverage", cmd_coverage,
+                   "per-unit coverage and fit quality of models")
     cov.add_argument("models", nargs="+", metavar="MODEL")
     cov.add_argument("--db", required=True, metavar="FILE")
     cov.add_argument("--device", default="cuda", choices=("cpu", "cuda"))
     engine_args(cov)
     cov.add_argument("--html", metavar="DIR", help="write plots and an index.html per model")
     cov.add_argument("--json", metavar="FILE")
-    cov.set_defaults(func=cmd_coverage)
 
     for name, func, text in (
             ("predict", cmd_predict, "predict one engine step from the DB"),
             ("validate-steps", cmd_validate_steps, "time real steps and compare with predict")):
-        verb = verbs.add_parser(name, help=text, description=func.__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+        verb = add_verb(verbs, name, func, text)
         verb.add_argument("model", metavar="MODEL")
         verb.add_argument("--db", required=True, metavar="FILE")
         verb.add_argument("--device", default="cuda", choices=("cpu", "cuda"),
@@ -303,4 +298,3 @@ def add_verbs(verbs, engine_args) -> None:
             verb.add_argument("--measured", metavar="FILE",
                               help="re-predict the steps of an earlier validate-steps JSON "
                                    "instead of measuring")
-        verb.set_defaults(func=func)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from rich.table import Table
 
+from dooly_fx.cli_args import add_verb, engine_args
 from dooly_fx.db import SHIPPED_DB, LatencyDB
 from dooly_fx.errors import UserError
 from dooly_fx.ui import err, out, progress, write_json
@@ -415,11 +416,10 @@ def _workload_args(parser: argparse.ArgumentParser, required: bool) -> None:
     work.add_argument("--seed", type=int, default=0)
 
 
-def add_verbs(verbs, engine_args) -> None:
+def add_verbs(verbs) -> None:
     """Register this module's verbs on the main parser's subparsers."""
-    sim = verbs.add_parser("simulate", help="simulate serving a workload with predicted steps",
-                           description=cmd_simulate.__doc__,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    sim = add_verb(verbs, "simulate", cmd_simulate,
+                   "simulate serving a workload with predicted steps")
     sim.add_argument("model", metavar="MODEL")
     sim.add_argument("--db", metavar="FILE", help="latency DB (default: the shipped H100 DB)")
     sim.add_argument("--device", default="cuda", choices=("cpu", "cuda"),
@@ -439,12 +439,9 @@ def add_verbs(verbs, engine_args) -> None:
     sim.add_argument("--json", metavar="FILE", help="write the summary as JSON")
     sim.add_argument("--chrome-trace", metavar="FILE", help="write a Chrome/Perfetto trace")
     sim.add_argument("--plot", metavar="PNG", help="plot TTFT/TPOT CDFs and KV usage")
-    sim.set_defaults(func=cmd_simulate)
 
-    val = verbs.add_parser("validate-serving",
-                           help="serve a workload on the real engine and compare with simulate",
-                           description=cmd_validate_serving.__doc__,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    val = add_verb(verbs, "validate-serving", cmd_validate_serving,
+                   "serve a workload on the real engine and compare with simulate")
     val.add_argument("model", metavar="MODEL")
     val.add_argument("--db", metavar="FILE", help="latency DB (default: the shipped H100 DB)")
     val.add_argument("--device", default="cuda", choices=("cpu", "cuda"))
@@ -468,11 +465,9 @@ def add_verbs(verbs, engine_args) -> None:
                      help="re-compare the measurement of a saved validate-serving JSON")
     val.add_argument("--json", metavar="FILE", help="write the report and measurement as JSON")
     val.add_argument("--plot", metavar="PNG", help="plot measured and simulated CDFs")
-    val.set_defaults(func=cmd_validate_serving)
 
-    vid = verbs.add_parser("export-vidur", help="write Vidur's mlp.csv and attention.csv",
-                           description=cmd_export_vidur.__doc__,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    vid = add_verb(verbs, "export-vidur", cmd_export_vidur,
+                   "write Vidur's mlp.csv and attention.csv")
     vid.add_argument("model", metavar="MODEL")
     vid.add_argument("--db", metavar="FILE", help="latency DB (default: the shipped H100 DB)")
     vid.add_argument("--device", default="cuda", choices=("cpu", "cuda"))
@@ -485,4 +480,3 @@ def add_verbs(verbs, engine_args) -> None:
     vid.add_argument("--block-size", type=_positive_int, default=16, metavar="N",
                      help="block_size column; must match Vidur's scheduler (default 16)")
     vid.add_argument("--json", metavar="FILE", help="write what was exported as JSON")
-    vid.set_defaults(func=cmd_export_vidur)

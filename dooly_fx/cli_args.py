@@ -1,0 +1,30 @@
+"""Argument helpers shared by the CLI modules (`cli`, `cli_latency`, `cli_serve`)."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+from dooly_fx.engine import ATTN_IMPLS, ENGINES
+
+
+def add_verb(verbs, name: str, func: Callable[[argparse.Namespace], None],
+             text: str) -> argparse.ArgumentParser:
+    """A subcommand `name` running `func`, with `text` as its one-line help and `func`'s
+    docstring (examples included, line breaks kept) as its description."""
+    verb = verbs.add_parser(name, help=text, description=func.__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    verb.set_defaults(func=func)
+    return verb
+
+
+def engine_args(parser: argparse.ArgumentParser) -> None:
+    """--engine, --attn, --dtype and --kernels: which engine profile a verb works on."""
+    parser.add_argument("--engine", default="padded", choices=ENGINES,
+                        help="padded: model(input_ids[B,S]) with DynamicCache; paged: continuous "
+                             "batching, tokens flattened to [1,T] (default: padded)")
+    parser.add_argument("--attn", default="sdpa", choices=ATTN_IMPLS, help="attention impl")
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    parser.add_argument("--kernels", default="eager", choices=("eager", "triton"),
+                        help="triton: the fused-engine variant (norms and SiLU·mul as one Triton "
+                             "kernel each)")
