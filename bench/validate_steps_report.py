@@ -1,19 +1,28 @@
 """Summarise step-level validation results: a table per model/attention and a scatter plot.
 
-    python bench/validate_steps_report.py [--steps bench/results/steps]
+    python bench/validate_steps_report.py [--steps bench/results/steps] [--db FILE]
 
 Reads the `steps_*.json` files of `validate-steps --json` (each written on the GPU machine by
 `python -m dooly_fx validate-steps MODEL --db ... --device cuda --json FILE`, see
 bench/validate_steps_gpu.sh), and writes `bench/results/validate_steps.{json,md,png}`: per file
 the median and p90 absolute percentage error over its steps, how many steps were GPU- or
 host-bound by the prediction and how many were outside the profiled range; over all files the
-same; and measured vs predicted step time for every step.
+same; and measured vs predicted step time for every step. Where a fidelity run
+(`validate-steps --measured FILE --fidelity SPECS`) sits beside a steps file, its per-unit rows
+(each leaf unit's prediction against the same module's kernel time inside the real step) are
+summarised per phase of the profiled step.
+
+With `--db`, every file's measured steps are first predicted again from that DB
+(`validate-steps MODEL --measured FILE --db DB`, no GPU) into STEPS/replayed/, as the
+serving report does: the measurements stay as they were taken, the predictions are the current
+code's on the current DB.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -24,20 +33,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=Path, default=Path("bench/results/steps"))
     parser.add_argument("--out", type=Path, default=Path("bench/results/validate_steps.json"))
+    parser.add_argument("--db", type=Path, help="predict every file's steps again with this DB")
     args = parser.parse_args()
     files = sorted(args.steps.glob("steps_*.json"))
     if not files:
         sys.exit(f"{args.steps}: no validate-steps JSON files")
-    rows, everything = [], []
+    rows, everything, fidelity_rows = [], [], []
     for path in files:
-        report = json.loads(path.read_text())
+        report = json.loads((_replay(path, args.db, args.steps / "replayed") if args.db
+                             else path).read_text())
         steps = [s for s in report["steps"] if not s["skipped"]]
         errors = np.abs([s["error"] for s in steps])
         everything += [(report["model"], report["engine"], s) for s in steps]
         # A fidelity run (`--measured` + `--fidelity`) sits beside its steps file.
         beside = path.with_name(path.name.replace("steps_", "fidelity_", 1))
         extra = json.loads(beside.read_text()) if beside.exists() else report
-        fidelity = extra.get("fidelity", {}).get("median_ape")
+        units = extra.get("fidelity", {}).get("units", [])
+        fidelity = {phase: _median_abs([u["error"] for u in units
+                                        if u["step"].startswith(phase)])
+                    for phase in ("prefill", "decode")} if units else None
+        fidelity_rows += [{"model": report["model"], **u} for u in units]
         rows.append({
             "file": path.name, "model": report["model"], "engine": report["engine"],
             "measured_on": report.get("measured_on"), "steps": len(steps),
@@ -49,30 +64,71 @@ def main() -> None:
                                                      if s["gpu_ms"] >= s["host_ms"]] or [np.nan])),
             "unit_fidelity_median_ape": fidelity,
         })
+    fidelity_all = {phase: _median_abs([u["error"] for u in fidelity_rows
+                                        if u["step"].startswith(phase)])
+                    for phase in ("prefill", "decode", "")}
     all_errors = np.abs([s["error"] for _, _, s in everything])
     summary = {"files": rows, "steps": len(everything),
                "median_ape": float(np.median(all_errors)),
                "p90_ape": float(np.percentile(all_errors, 90)),
+               "unit_fidelity": {"units": len(fidelity_rows),
+                                 "median_ape": fidelity_all[""],
+                                 "prefill_median_ape": fidelity_all["prefill"],
+                                 "decode_median_ape": fidelity_all["decode"]},
                "command": " ".join(["python", *sys.argv])}
     args.out.write_text(json.dumps(summary, indent=1) + "\n")
     lines = ["# Step-level validation (padded engine, real forward steps vs prediction)", "",
-             f"- summarised by: `{summary['command']}` from `{args.steps}/*.json`",
+             f"- summarised by: `{summary['command']}` from `{args.steps}/*.json`"
+             + (f"; predictions replayed from those measurements with `{args.db}` "
+                f"(`validate-steps MODEL --measured FILE --db DB`, files in "
+                f"`{args.steps}/replayed/`)" if args.db else ""),
              "- each file: `python -m dooly_fx validate-steps MODEL --db h100.db --device cuda "
              "[--attn eager] --json FILE` on the GPU named in it (`measured_on`)", "",
              "| model | engine | steps | median APE | p90 APE | GPU-bound median APE | "
-             "host-bound steps | outside profiled range |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "host-bound steps | outside profiled range | unit fidelity prefill / decode |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         engine = r["engine"].replace("|", "\\|")
         lines.append(f"| {r['model']} | {engine} | {r['steps']} | {r['median_ape']:.1%} | "
                      f"{r['p90_ape']:.1%} | {r['gpu_bound_median_ape']:.1%} | "
-                     f"{r['host_bound']} | {r['extrapolated']} |")
+                     f"{r['host_bound']} | {r['extrapolated']} | {_fidelity(r)} |")
     lines += ["", f"All {summary['steps']} steps: median APE {summary['median_ape']:.1%}, "
-              f"p90 APE {summary['p90_ape']:.1%}.", "", "![measured vs predicted]"
-              "(validate_steps.png)"]
+              f"p90 APE {summary['p90_ape']:.1%}."]
+    if fidelity_rows:
+        lines += ["", "Unit fidelity (`--fidelity \"prefill:4x1024;decode:32x1024\"`: each "
+                  "leaf unit's predicted GPU time against its module's kernel time inside the "
+                  "real step, torch.profiler): median APE "
+                  f"{fidelity_all['']:.1%} over {len(fidelity_rows)} units "
+                  f"(prefill {fidelity_all['prefill']:.1%}, "
+                  f"decode {fidelity_all['decode']:.1%})."]
+    lines += ["", "![measured vs predicted](validate_steps.png)"]
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     _plot(everything, args.out.with_suffix(".png"))
     print("\n".join(lines))
+
+
+def _replay(path: Path, db: Path, out: Path) -> Path:
+    """`path`'s measured steps predicted again from `db`; returns the new JSON."""
+    report = json.loads(path.read_text())
+    _, attn, _, *kernels = report["engine"].split("|")
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / path.name
+    command = [sys.executable, "-m", "dooly_fx", "validate-steps", report["model"], "--db",
+               str(db), "--attn", attn, "--kernels", kernels[0] if kernels else "eager",
+               "--device", "cuda", "--measured", str(path), "--json", str(target)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"{path}: replay failed: {done.stderr.strip()}")
+    return target
+
+
+def _median_abs(errors: list[float]) -> float | None:
+    return float(np.median(np.abs(errors))) if errors else None
+
+
+def _fidelity(row: dict) -> str:
+    f = row["unit_fidelity_median_ape"]
+    return "" if f is None else f"{f['prefill']:.1%} / {f['decode']:.1%}"
 
 
 def _plot(everything, path: Path) -> None:

@@ -11,6 +11,10 @@ its check and is recorded as failed, never timed wrongly.
     norm      rmsnorm(x, weight, eps)                 x (m, H), weight (H,)
     act_mul   silu_mul_split(gate, up)                gate (m, I), up (m, I)
               silu_mul(gate_up)                       gate_up (m, 2I)
+
+`fuse_model` turns a transformers model into that fused engine (its RMSNorms and SiLU-gated
+MLPs run the same kernels), so `validate-steps --kernels triton` measures real steps of the
+engine whose units were profiled.
 """
 
 from __future__ import annotations
@@ -79,3 +83,58 @@ def _silu_mul(tensors: list[torch.Tensor]) -> Callable[[], torch.Tensor]:
         return lambda: silu_mul(rows[0])
     gate, up = rows[:2]
     return lambda: silu_mul_split(gate, up)
+
+
+SILU = ("SiLU", "SiLUActivation")
+"""Activation modules (torch's and transformers' `ACT2FN["silu"]`) the SiLU·mul kernel computes."""
+
+
+def fuse_model(model: torch.nn.Module) -> dict[str, int]:
+    """Make `model` run as the fused engine, in place: every RMSNorm module (class name ending
+    in `RMSNorm`, Gemma's `(1 + w)` scale included) calls `rmsnorm`, and every MLP whose
+    activation is SiLU calls `silu_mul_split` on its gate and up projections (`silu_mul` on a
+    fused `gate_up_proj`, Phi-3's layout). Other modules keep transformers' code. Returns how
+    many modules of each kind were fused."""
+    from dooly_fx.kernels.rmsnorm import rmsnorm
+    from dooly_fx.kernels.silu_mul import silu_mul, silu_mul_split
+
+    def norm_forward(module, eps: float, offset: float):
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            return rmsnorm(x.reshape(-1, x.shape[-1]), module.weight, eps,
+                           offset).reshape(x.shape)
+        return forward
+
+    def split_forward(module):
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            gate, up = module.gate_proj(x), module.up_proj(x)
+            rows = silu_mul_split(gate.reshape(-1, gate.shape[-1]), up.reshape(-1, up.shape[-1]))
+            return module.down_proj(rows.reshape(*x.shape[:-1], -1))
+        return forward
+
+    def packed_forward(module):
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            gate_up = module.gate_up_proj(x)
+            rows = silu_mul(gate_up.reshape(-1, gate_up.shape[-1]))
+            return module.down_proj(rows.reshape(*x.shape[:-1], -1))
+        return forward
+
+    counts = {"norm": 0, "act_mul": 0}
+    for module in model.modules():
+        name = type(module).__name__
+        eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+        if name.endswith("RMSNorm") and getattr(module, "weight", None) is not None \
+                and eps is not None:
+            module.forward = norm_forward(module, eps, 1.0 if name.startswith("Gemma") else 0.0)
+            counts["norm"] += 1
+            continue
+        act = getattr(module, "act_fn", None) or getattr(module, "activation_fn", None)
+        if type(act).__name__ not in SILU or not hasattr(module, "down_proj"):
+            continue
+        if hasattr(module, "gate_proj") and hasattr(module, "up_proj"):
+            module.forward = split_forward(module)
+        elif hasattr(module, "gate_up_proj"):
+            module.forward = packed_forward(module)
+        else:
+            continue
+        counts["act_mul"] += 1
+    return counts

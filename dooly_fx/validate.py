@@ -81,7 +81,7 @@ class MeasuredStep:
 
 def build_model(spec: ModelSpec, engine: EngineProfile, device: str) -> torch.nn.Module:
     """The transformers model of `spec` with random weights, in the engine's dtype and
-    attention implementation, on `device`."""
+    attention implementation, on `device`; with `kernels="triton"`, fused (`fused.fuse_model`)."""
     from transformers import AutoModelForCausalLM
 
     from dooly_fx.capture import has_experts
@@ -92,6 +92,10 @@ def build_model(spec: ModelSpec, engine: EngineProfile, device: str) -> torch.nn
         config._experts_implementation = engine.experts_impl
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=engine.torch_dtype)
+    if engine.kernels == "triton":
+        from dooly_fx.fused import fuse_model
+
+        fuse_model(model)
     return model.eval()
 
 
@@ -184,6 +188,9 @@ def measure_steps(spec: ModelSpec, engine: EngineProfile, steps: Sequence[str], 
     return out
 
 
+FIDELITY_STEPS = 3
+"""Steps profiled per batch in `unit_fidelity` (a unit's in-step time averages their calls)."""
+
 LEAF_KINDS = ("gemm", "lm_head", "norm", "embedding", "moe_experts")
 """Unit kinds that are one leaf module of the model: their kernels can be attributed to the
 unit inside a real step by a profiler range around the module."""
@@ -194,6 +201,7 @@ def unit_fidelity(spec: ModelSpec, engine: EngineProfile, loaded, steps: Sequenc
     """Microbenchmark fidelity: per unit, the predicted GPU time of one call against the time
     of the same module's kernels inside the real step (torch.profiler ranges around each leaf
     module of a `LEAF_KINDS` unit; kernel time per call, averaged over the module's calls)."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile, record_function
 
     from dooly_fx.predict import predict_step
@@ -231,8 +239,10 @@ def unit_fidelity(spec: ModelSpec, engine: EngineProfile, loaded, steps: Sequenc
                     torch.cuda.synchronize()
                     activities.append(ProfilerActivity.CUDA)
                 with profile(activities=activities) as prof:
-                    model(input_ids=ids, past_key_values=cache, use_cache=True,
-                          logits_to_keep=1)
+                    for _ in range(FIDELITY_STEPS):
+                        model(input_ids=ids, past_key_values=cache, use_cache=True,
+                              logits_to_keep=1)
+                        cache = _cache(model, batch, device, engine.torch_dtype, base)
                     if device.startswith("cuda"):
                         torch.cuda.synchronize()
         finally:
@@ -240,7 +250,9 @@ def unit_fidelity(spec: ModelSpec, engine: EngineProfile, loaded, steps: Sequenc
                 hook.remove()
             base.clear()
         for event in prof.key_averages():
-            if not event.key.startswith("dooly:"):
+            # The host-side range: its device time is its kernels' (the GPU-side copy of the
+            # range spans the gaps between them too).
+            if not event.key.startswith("dooly:") or event.device_type != DeviceType.CPU:
                 continue
             unit = wanted[event.key.removeprefix("dooly:")]
             total = event.device_time_total if device.startswith("cuda") else \

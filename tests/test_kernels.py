@@ -237,3 +237,33 @@ def test_rotary_costs():
     assert rotary_flops(t, hq, hk, d) == 3 * 5 * 6 * 96 == 8640
     # q, k read + written; cos, sin read once per token.
     assert rotary_bytes(t, hq, hk, d, 2) == (2 * 5 * 6 * 96 + 2 * 5 * 96) * 2 == 13440
+
+
+# --- the fused engine as a model ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, fused", [("llama-3.1-8b", {"norm": 7, "act_mul": 3}),
+                                         ("phi-3-mini", {"norm": 7, "act_mul": 3}),
+                                         ("gemma-2-9b", {"norm": 21, "act_mul": 0})])
+def test_fuse_model_runs_the_kernels_and_keeps_the_models_output(name, fused):
+    """`fuse_model` swaps every RMSNorm (Gemma's `1 + w` scale too) and every SiLU-gated MLP
+    (split gate/up and Phi-3's packed gate_up) for our kernels; GELU MLPs stay as they are.
+    Same weights, same logits."""
+    from dooly_fx.engine import EngineProfile
+    from dooly_fx.fused import fuse_model
+    from dooly_fx.validate import build_model
+
+    from tiny import tiny_spec
+
+    spec = tiny_spec(name)
+    eager = build_model(spec, EngineProfile(dtype="float32"), "cpu")
+    for module in eager.modules():  # non-trivial norm scales, so a dropped weight shows
+        if type(module).__name__.endswith("RMSNorm"):
+            torch.nn.init.normal_(module.weight, 1.0, 0.1, generator=_gen(1))
+    model = build_model(spec, EngineProfile(dtype="float32"), "cpu")
+    model.load_state_dict(eager.state_dict())
+    assert fuse_model(model) == fused
+    ids = torch.randint(0, 100, (2, 5), generator=_gen(2))
+    with torch.inference_mode():
+        want, got = eager(input_ids=ids).logits, model(input_ids=ids).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

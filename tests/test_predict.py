@@ -122,6 +122,29 @@ def test_flat_step_of_one_sequence_is_the_padded_step(tiny_db):
     assert flat([(8, 0), (4, 0)]) > flat([(8, 0)])
 
 
+def test_unit_fidelity_attributes_each_leaf_modules_time_in_the_step(tiny_db):
+    """Microbenchmark fidelity on CPU: one row per leaf unit role, its calls counted over
+    the profiled steps (3 layers x FIDELITY_STEPS), its prediction the unit's own."""
+    from dooly_fx.validate import FIDELITY_STEPS, unit_fidelity
+
+    path, spec, env, *_ = tiny_db
+    with LatencyDB.open(path) as db:
+        loaded = load(db, spec.name, env.fingerprint, EngineProfile().label)
+    rows = unit_fidelity(spec, EngineProfile(), loaded, ["decode:2x32"], device="cpu")
+    calls = {r["role"]: r["calls"] for r in rows}
+    per_layer = [f"model.layers.*.{m}" for m in (
+        "input_layernorm", "post_attention_layernorm", "self_attn.q_proj", "self_attn.k_proj",
+        "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+        "mlp.down_proj")]
+    assert calls == {**{r: 3 * FIDELITY_STEPS for r in per_layer},
+                     **{r: FIDELITY_STEPS for r in ("model.embed_tokens", "model.norm",
+                                                    "lm_head")}}
+    units = {u.role: u for u in predict_step(loaded, [(1, 32)] * 2).units}
+    for row in rows:
+        assert row["in_step_ms"] > 0 and row["predicted_ms"] == units[row["role"]].gpu_ms
+        assert row["error"] == pytest.approx(row["predicted_ms"] / row["in_step_ms"] - 1)
+
+
 def test_load_refuses_a_model_or_engine_not_profiled(tiny_db):
     path, spec, env, *_ = tiny_db
     with LatencyDB.open(path) as db, pytest.raises(UserError, match="not profiled"):

@@ -1,0 +1,100 @@
+"""Small memory-bound kernels: the timer's number against the same kernels inside a step
+(GPU machine).
+
+    python bench/l2_flush.py > bench/results/l2_flush.txt
+
+`timing.measure` flushes L2 before every replay by zeroing a 256 MB buffer, as
+`triton.testing.do_bench` does. That leaves L2 full of dirty lines, which the next kernel
+writes back to HBM while it streams its own weights: a decode GEMM pays for that write-back
+too. Inside a real step the L2 holds the clean lines of the kernels before it. For decode-sized
+GEMMs (m = 32, Llama-3.1-8B's projections) and an eager RMSNorm this prints, in microseconds:
+`measure` as the DB records it; the same graph replay after a read-only flush (leaves clean
+lines) and after no flush; and the kernels' own duration in a step-like sequence (between
+GEMMs that stream other weights through L2, summed per call by the profiler); plus the
+replay floor (a one-element add).
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from dooly_fx.timing import _graph_replay, measure
+
+DEVICE, DTYPE, M = "cuda", torch.bfloat16, 32
+SHAPES = {"q_proj 4096x4096": (4096, 4096), "gate_proj 14336x4096": (14336, 4096),
+          "down_proj 4096x14336": (4096, 14336)}
+
+
+def rmsnorm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """LlamaRMSNorm's ops."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+    return w * h.to(x.dtype)
+
+
+def replay_us(fn, flush, n: int = 50) -> float:
+    run = _graph_replay(fn, DEVICE)
+    for _ in range(10):
+        run()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+              for _ in range(n)]
+    for start, end in events:
+        flush()
+        start.record()
+        run()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in events) * 1e3
+
+
+def in_step_us(fn, calls: int = 30) -> float:
+    """Kernel time per call of `fn` run between two GEMMs on other 128 MB weights (the
+    profiler's device time of a host range around each call, as `validate.unit_fidelity`)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import record_function
+
+    others = [torch.randn(8192, 8192, dtype=DTYPE, device=DEVICE) for _ in range(2)]
+    x = torch.randn(M, 8192, dtype=DTYPE, device=DEVICE)
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            for w in others:
+                x @ w
+            with record_function("unit"):
+                fn()
+        torch.cuda.synchronize()
+    (unit,) = [e for e in prof.key_averages()
+               if e.key == "unit" and e.device_type == DeviceType.CPU]
+    return unit.device_time_total / unit.count
+
+
+def main() -> None:
+    flush = torch.empty(256 * 2**20, dtype=torch.int8, device=DEVICE)
+    wide = flush.view(torch.float16)
+    modes = {"zero flush": flush.zero_, "read flush": wide.amax, "no flush": lambda: None}
+    fns = {}
+    for name, (n, k) in SHAPES.items():
+        x = torch.randn(M, k, dtype=DTYPE, device=DEVICE)
+        w = torch.randn(n, k, dtype=DTYPE, device=DEVICE)
+        fns[f"gemm m={M} {name}"] = lambda x=x, w=w: x @ w.t()
+    x = torch.randn(M, 4096, dtype=DTYPE, device=DEVICE)
+    fns[f"rmsnorm {M}x4096 (eager, 5 kernels)"] = lambda: rmsnorm(x, x[0])
+    one = torch.zeros(1, device=DEVICE)
+    print(f"# {torch.cuda.get_device_name()} · torch {torch.__version__}")
+    print(f"{'unit':38s} {'measure':>8s} " + " ".join(f"{m:>10s}" for m in modes)
+          + f" {'in step':>8s}   (us)")
+    for name, fn in fns.items():
+        timed = measure(fn, DEVICE, warmup_ms=5, rep_ms=20).median_ms * 1e3
+        cols = [replay_us(fn, flush) for flush in modes.values()]
+        print(f"{name:38s} {timed:8.1f} " + " ".join(f"{c:10.1f}" for c in cols)
+              + f" {in_step_us(fn):8.1f}")
+    floor = [replay_us(lambda: one.add_(1), flush) for flush in modes.values()]
+    print(f"{'replay floor (1-element add)':38s} {'':8s} " + " ".join(f"{c:10.1f}" for c in floor))
+
+
+if __name__ == "__main__":
+    main()
