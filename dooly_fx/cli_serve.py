@@ -355,6 +355,10 @@ def _print_serving(p: dict) -> None:
                   f"{ms['forward']:.2f} + update {ms['update']:.2f} · predicted mean "
                   f"{s['predicted_ms']['mean']:.2f} ms · step MAPE {_pct(s['mape'])} "
                   f"(bias {_pct(s['bias'], True)})")
+        if ms.get("attention_host") is not None:
+            out.print(f"attention calls on the host per forward: mean "
+                      f"{ms['attention_host']:.2f} ms, median {ms['attention_host_median']:.2f} "
+                      "ms (new shapes' setup: the shape_build units)")
     out.print(f"{p['finished']}/{p['requests']} requests finished in {p['wall_s']:.1f} s"
               + (" (time limit reached)" if p["timed_out"] else ""))
     alloc = p["measured"].get("allocator")

@@ -76,6 +76,12 @@ class EngineStep:
     """New tokens of each sequence in the batch."""
     cached: list[int]
     """Tokens already in the KV cache of each sequence."""
+    attention_host_ms: float | None = None
+    """Host time inside the forward's `scaled_dot_product_attention` calls (None: it made
+    none, e.g. `paged|eager`). Where PyTorch picks cuDNN, a call at a shape not seen before
+    builds a graph first: that build is most of this."""
+    attention_max_ms: float | None = None
+    """The slowest of those calls."""
 
     @property
     def batch(self) -> list[tuple[int, int]]:
@@ -244,13 +250,26 @@ def _allocator_events(device: str) -> dict[str, int]:
 
 class _StepClock:
     """Times every step of a `ContinuousBatchProcessor` by wrapping three of its methods on
-    the instance (the manager's loop calls them through the instance)."""
+    the instance (the manager's loop calls them through the instance), and the host time of
+    the attention calls in each forward (wrapping `torch.nn.functional.
+    scaled_dot_product_attention`, which transformers' attention functions look up at each
+    call, until `restore`)."""
 
     def __init__(self, processor, steps: list[EngineStep]) -> None:
+        import torch
+
         self.processor, self.steps, self.t0 = processor, steps, 0.0
         self._pending: tuple | None = None
+        self._attention: list[float] = []
         prepare, step, update = (processor.prepare_next_batch, processor._generation_step,
                                  processor.update_batch)
+        self._sdpa = sdpa = torch.nn.functional.scaled_dot_product_attention
+
+        def timed_sdpa(*args, **kwargs):
+            start = time.perf_counter()
+            out = sdpa(*args, **kwargs)
+            self._attention.append((time.perf_counter() - start) * 1e3)
+            return out
 
         def timed_prepare():
             start = time.perf_counter()
@@ -263,28 +282,35 @@ class _StepClock:
             return ready
 
         def timed_step(model):
+            self._attention.clear()
             forward = time.perf_counter()
             step(model)
-            self._synced = (forward, time.perf_counter())
+            self._synced = (forward, time.perf_counter(), list(self._attention))
 
         def timed_update():
             update()
             end = time.perf_counter()
             if self._pending is not None:
                 start, new, cached = self._pending
-                forward, synced = self._synced
+                forward, synced, attention = self._synced
                 t0 = self.t0
-                self.steps.append(EngineStep(start - t0, forward - t0, synced - t0, end - t0,
-                                             new, cached))
+                self.steps.append(EngineStep(
+                    start - t0, forward - t0, synced - t0, end - t0, new, cached,
+                    sum(attention) if attention else None,
+                    max(attention) if attention else None))
                 self._pending = None
 
         processor.prepare_next_batch = timed_prepare
         processor._generation_step = timed_step
         processor.update_batch = timed_update
+        torch.nn.functional.scaled_dot_product_attention = timed_sdpa
 
     def restore(self) -> None:
+        import torch
+
         for name in ("prepare_next_batch", "_generation_step", "update_batch"):
             self.processor.__dict__.pop(name, None)
+        torch.nn.functional.scaled_dot_product_attention = self._sdpa
 
 
 def _host_memory(device: str):
@@ -406,6 +432,7 @@ def step_report(steps: Sequence[EngineStep], step_time) -> dict:
                     or [0.0])
     ape = _ape(pred, dur)
     decode = np.array([all(n == 1 for n in s.new) for s in steps])
+    attention = [s.attention_host_ms for s in steps if s.attention_host_ms is not None]
     return {
         "steps": len(steps), "mape": float(ape.mean()), "median_ape": float(np.median(ape)),
         "bias": float((pred.sum() - dur.sum()) / dur.sum()),
@@ -414,7 +441,10 @@ def step_report(steps: Sequence[EngineStep], step_time) -> dict:
         "measured_ms": {"mean": float(dur.mean() * 1e3), "prepare": float(prepare.mean() * 1e3),
                         "forward": float(forward.mean() * 1e3),
                         "update": float(update.mean() * 1e3),
-                        "idle_gap": float(np.median(gaps) * 1e3)},
+                        "idle_gap": float(np.median(gaps) * 1e3),
+                        "attention_host": float(np.mean(attention)) if attention else None,
+                        "attention_host_median": float(np.median(attention)) if attention
+                        else None},
         "predicted_ms": {"mean": float(pred.mean() * 1e3)},
         "busy_s": float(dur.sum()),
     }

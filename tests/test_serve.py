@@ -312,6 +312,9 @@ def test_validate_serving_serves_every_token_and_replays_the_same_report(tiny_db
     """transformers continuous batching serves a tiny model (built from the config the DB
     recorded); the recorded steps account for every prompt and output token, and --measured
     recomputes the same comparison without the engine."""
+    import torch
+
+    sdpa = torch.nn.functional.scaled_dot_product_attention
     db_path, model = tiny_db
     path, again = tmp_path / "serve.json", tmp_path / "again.json"
     code, _, _ = _cli(capsys, "validate-serving", model, "--db", str(db_path), "--device", "cpu",
@@ -328,6 +331,10 @@ def test_validate_serving_serves_every_token_and_replays_the_same_report(tiny_db
     fed = sum(sum(s["new"]) for s in measured["steps"])
     assert fed == sum(r["prompt_tokens"] + r["output_tokens"] - 1 for r in reqs)
     assert all(sum(s["new"]) <= 32 for s in measured["steps"])
+    # paged|sdpa: every forward's attention calls timed on the host, the wrapper gone after.
+    assert run["engine"] == "paged|sdpa|bfloat16"
+    assert all(0 < s["attention_max_ms"] <= s["attention_host_ms"] for s in measured["steps"])
+    assert torch.nn.functional.scaled_dot_product_attention is sdpa
     assert run["ttft"]["requests"] == 6 and run["ttft"]["mape"] >= 0
     assert run["steps"]["steps"] == len(measured["steps"])
     code, _, _ = _cli(capsys, "validate-serving", model, "--db", str(db_path), "--device", "cpu",
