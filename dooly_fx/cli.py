@@ -98,7 +98,7 @@ def _sweep_args(args: argparse.Namespace):
             raise UserError(f"--{name.replace('_', '-')} must be a positive integer")
     engine = EngineProfile(engine=args.engine, attn_impl=args.attn, dtype=args.dtype,
                            kernels=args.kernels)
-    bounds = Bounds(args.max_tokens, args.max_seqs, args.max_context)
+    bounds = Bounds(args.max_tokens, args.max_seqs, args.max_context, args.adaptive)
     phases = list(PHASES) if args.phase == "all" else [args.phase]
     return [resolve_model(ref) for ref in args.models], engine, bounds, phases
 
@@ -393,6 +393,9 @@ def _parser() -> argparse.ArgumentParser:
         verb.add_argument("--max-seqs", type=int, default=256, help="sequences per step")
         verb.add_argument("--max-context", type=int, default=32768,
                           help="cached + new tokens of one sequence")
+        verb.add_argument("--adaptive", action="store_true",
+                          help="one-variable sweeps: every other grid value, the rest only "
+                          "where latency bends")
         engine_args(verb)
         verb.add_argument("--phase", default="all", choices=[*PHASES, "all"])
         verb.add_argument("--json", metavar="FILE",

@@ -36,7 +36,7 @@ from dooly_fx.passes.partition import partition, unit_outputs, unit_subgraph
 from dooly_fx.passes.signature import binding, signature, signature_of
 from dooly_fx.passes.taint import META_KEY, Config, TensorLabel, taint
 from dooly_fx.spec import ModelSpec
-from dooly_fx.sweep import Bounds, points
+from dooly_fx.sweep import Bounds, points, sweep_points
 from dooly_fx.timing import measure
 
 TIMING_VERSION = 2
@@ -257,7 +257,9 @@ def plan(db: LatencyDB, coll: Collection, env: Env, bounds: Bounds,
         for key in sigs:
             if key not in canonical:
                 canonical[key] = db.signature(key)["canonical"]
-    grid = {key: [canonical_point(p) for p in points(c, bounds)] for key, c in canonical.items()}
+    known = _known(status, bounds)
+    grid = {key: [canonical_point(p) for p in sweep_points(c, bounds, known.get(key))]
+            for key, c in canonical.items()}
     seconds: dict[tuple[str, str], float] = {}
     for key in canonical:
         case = coll.cases.get(key)
@@ -384,25 +386,53 @@ def profile(db: LatencyDB, coll: Collection, env: Env, bounds: Bounds, device: s
     status = "done"
     try:
         for case in coll.cases.values():
-            todo = [canonical_point(p) for p in points(case.canonical, bounds)]
-            for start in range(0, len(todo), batch):
-                if stop is not None and stop():
-                    result.interrupted, status = True, "interrupted"
-                    return result
-                claimed = db.claim(env.fingerprint, case.key, todo[start:start + batch], run_id)
-                skipped = len(todo[start:start + batch]) - len(claimed)
-                for _ in range(skipped):
-                    if on_point:
-                        on_point()
-                if claimed:
-                    _measure_batch(db, case, claimed, env, device, run_id, result, on_point,
-                                   budget_ms, stop)
+            offered: set[str] = set()
+            # An adaptive sweep asks again after each round, with what is measured by then.
+            while todo := _next_points(db, env, case, bounds, offered):
+                offered.update(todo)
+                for start in range(0, len(todo), batch):
+                    if stop is not None and stop():
+                        result.interrupted, status = True, "interrupted"
+                        return result
+                    claimed = db.claim(env.fingerprint, case.key, todo[start:start + batch],
+                                       run_id)
+                    skipped = len(todo[start:start + batch]) - len(claimed)
+                    for _ in range(skipped):
+                        if on_point:
+                            on_point()
+                    if claimed:
+                        _measure_batch(db, case, claimed, env, device, run_id, result,
+                                       on_point, budget_ms, stop)
+            for _ in range(len(points(case.canonical, bounds)) - len(offered)):
+                if on_point:  # grid points the adaptive sweep left out
+                    on_point()
     except BaseException:
         status = "interrupted"
         raise
     finally:
         db.finish_run(run_id, status)
     return result
+
+
+def _known(status: dict, bounds: Bounds) -> dict[str, dict[int, float]]:
+    """What an adaptive sweep knows, per one-variable signature of a `point_status` table:
+    value -> median ms of its measured points (nothing when the sweep is not adaptive)."""
+    out: dict[str, dict[int, float]] = {}
+    if bounds.adaptive:
+        for (key, text), row in status.items():
+            point = json.loads(text)
+            if row["status"] == "ok" and len(point) == 1:
+                out.setdefault(key, {})[next(iter(point.values()))] = row["median_ms"]
+    return out
+
+
+def _next_points(db: LatencyDB, env: Env, case: UnitCase, bounds: Bounds,
+                 offered: set[str]) -> list[str]:
+    """The case's sweep points not offered yet (an adaptive sweep adds some once the points
+    before them are measured)."""
+    status = db.point_status(env.fingerprint, case.key) if bounds.adaptive else {}
+    wanted = sweep_points(case.canonical, bounds, _known(status, bounds).get(case.key))
+    return [t for t in map(canonical_point, wanted) if t not in offered]
 
 
 def _measure_batch(db, case, claimed, env, device, run_id, result, on_point, budget_ms,

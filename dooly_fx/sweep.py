@@ -8,6 +8,7 @@ for decode attention, and so on. Grids are per variable role, bounded by `Bounds
 from __future__ import annotations
 
 import itertools
+import math
 import re
 from dataclasses import dataclass
 
@@ -41,6 +42,9 @@ class Bounds:
     """Sequences in one step (B, N)."""
     max_context: int = 32768
     """Tokens of one sequence, cached plus new (P + S)."""
+    adaptive: bool = False
+    """Sweep one-variable signatures adaptively (`sweep_points`): every other grid value,
+    then the skipped ones only where the latency curve bends."""
 
     def grid(self, var: str) -> list[int]:
         role = _ROLE[var]
@@ -96,6 +100,36 @@ def points(canonical: dict, bounds: Bounds) -> list[dict[str, int]]:
         names, grids = [*names, "skew"], [*grids, list(MOE_SKEWS)]
     out = [dict(zip(names, values, strict=True)) for values in itertools.product(*grids)]
     return [p for p in out if _feasible(p, bounds)]
+
+
+BEND = 0.05
+"""Adaptive sweeps: a measured point off the log-log line through its measured neighbours by
+more than this fraction is a bend, and the grid values skipped beside it are measured."""
+
+
+def sweep_points(canonical: dict, bounds: Bounds,
+                 measured: dict[int, float] | None = None) -> list[dict[str, int]]:
+    """The points to profile for one signature: `points`, or with `bounds.adaptive` and one
+    request variable (no MoE skew), every other grid value (both ends kept) plus, for each
+    bend among the points `measured` so far (the variable's value -> median ms), the values
+    skipped on either side of it. Measure these, then ask again: the set only grows, never
+    past the full grid, and stops growing where the curve is straight."""
+    full = points(canonical, bounds)
+    names = request_vars(canonical)
+    if not bounds.adaptive or len(names) != 1 or len(full) < 5 or \
+            canonical.get("kind") == "moe_experts":
+        return full
+    (var,) = names
+    grid = sorted(p[var] for p in full)
+    chosen = {*grid[::2], grid[-1]}
+    measured = measured or {}
+    known = [g for g in grid if g in chosen and measured.get(g, 0) > 0]
+    log = {g: (math.log(g), math.log(measured[g])) for g in known}
+    for a, b, c in zip(known, known[1:], known[2:], strict=False):
+        (xa, ya), (xb, yb), (xc, yc) = log[a], log[b], log[c]
+        if abs(yb - (ya + (yc - ya) * (xb - xa) / (xc - xa))) > math.log1p(BEND):
+            chosen.update(g for g in grid if a < g < c)
+    return [p for p in full if p[var] in chosen]
 
 
 def realise(unit_symbols: list[str], point: dict[str, int]) -> dict[sympy.Symbol, int]:

@@ -14,7 +14,7 @@ import torch
 from dooly_fx.db import LatencyDB
 from dooly_fx.engine import EngineProfile
 from dooly_fx.profile import collect, environment, plan, profile
-from dooly_fx.sweep import Bounds, points, request_vars
+from dooly_fx.sweep import Bounds, points, request_vars, sweep_points
 from dooly_fx.timing import measure
 
 from tiny import tiny_fields, tiny_spec
@@ -92,6 +92,52 @@ def test_profile_cli_then_nothing_left(tmp_path):
     assert report["models"][0]["missing_points"] == 0
     assert report["models"][0]["covered_points"] > 0
     assert 0.0 <= report["saving"] <= 1.0
+
+
+def test_adaptive_sweep_refines_only_where_latency_bends():
+    """Every other grid value first; then the values skipped beside a point off the log-log
+    line through its measured neighbours (a bend), and nothing where the curve is straight."""
+    gemm = {"kind": "gemm", "inputs": [["bfloat16", ["m", 64]]],
+            "outputs": [["bfloat16", ["m", 32]]]}
+    bounds = Bounds(4096, 64, 4096, adaptive=True)
+    coarse = [1, 4, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
+    assert [p["m"] for p in sweep_points(gemm, bounds)] == coarse
+    straight = {m: 0.01 * m**0.8 for m in coarse}  # a power law is a line in log-log
+    assert [p["m"] for p in sweep_points(gemm, bounds, straight)] == coarse
+    knee = {m: max(0.01, m * 1e-5) for m in coarse}  # launch-bound, then linear from m=1000
+    assert [p["m"] for p in sweep_points(gemm, bounds, knee)] == \
+        [1, 4, 16, 32, 64, 128, 256, 512, 768, 1024, 1536, 2048, 4096]
+    full = [p["m"] for p in points(gemm, bounds)]
+    assert [p["m"] for p in sweep_points(gemm, Bounds(4096, 64, 4096), knee)] == full
+    attention = {"kind": "attention", "inputs": [["bfloat16", ["B", "S", 256]]], "outputs": []}
+    assert sweep_points(attention, bounds) == points(attention, bounds)  # two variables
+
+
+def test_adaptive_profile_ends_at_a_fixed_point_of_its_sweep(tmp_path):
+    """`profile` with an adaptive sweep measures rounds until the sweep asks for nothing new:
+    every one-variable signature's measured points are what `sweep_points` wants given them,
+    between the coarse and the full grid; plan agrees that nothing is missing, and a plan of
+    the full grid counts exactly the points left out."""
+    spec = tiny_spec("llama-3.1-8b")
+    coll = collect([spec], EngineProfile(), ["decode"])
+    adaptive, full = Bounds(64, 2, 64, adaptive=True), Bounds(64, 2, 64)
+    with LatencyDB.open(tmp_path / "lat.db") as db:
+        env = environment("cpu")
+        result = profile(db, coll, env, adaptive, "cpu", "test", budget_ms=(0.5, 1.0))
+        assert result.failed == 0
+        left_out = 0
+        for case in coll.cases.values():
+            if len(request_vars(case.canonical)) != 1:
+                continue
+            measured = {next(iter(p.values())): ms for p, ms in db.ok_points(env.fingerprint,
+                                                                             case.key)}
+            wanted = {next(iter(p.values())) for p in sweep_points(case.canonical, adaptive,
+                                                                    measured)}
+            grid = [next(iter(p.values())) for p in points(case.canonical, full)]
+            assert set(measured) == wanted and {*grid[::2], grid[-1]} <= wanted <= set(grid)
+            left_out += len(grid) - len(measured)
+        assert plan(db, coll, env, adaptive, [spec.name])["missing_points"] == 0
+        assert plan(db, coll, env, full, [spec.name])["missing_points"] == left_out > 0
 
 
 def test_plan_does_not_create_a_db_and_bad_db_is_refused(tmp_path):
