@@ -58,7 +58,8 @@ def main() -> None:
                "step_ms": s["measured_ms"], "predicted_step_ms": s["predicted_ms"]["mean"],
                "settings": r["settings"], "workload": r["workload"],
                "measured_on": r["measured_on"],
-               "at_serving": {k: served[path.name][k]["mape"] for k in ("ttft", "tpot")}}
+               "at_serving": {k: served[path.name][k]["mape"] for k in ("ttft", "tpot")},
+               "by_kind": s.get("by_kind", [])}
         rows.append(row)
         runs.append(r)
     summary = {
@@ -113,8 +114,20 @@ def main() -> None:
     lines += ["", f"Median over {summary['runs']} runs: TTFT MAPE "
                   f"{summary['ttft_mape_median']:.1%}, TPOT MAPE "
                   f"{summary['tpot_mape_median']:.1%}, step MAPE "
-                  f"{summary['step_mape_median']:.1%}.", "",
-              f"![measured vs simulated TPOT]({args.out.with_suffix('.png').name})", ""]
+                  f"{summary['step_mape_median']:.1%}.", ""]
+    kinds = [k["kind"] for k in max((r["by_kind"] for r in rows), key=len)]
+    if kinds:
+        lines += ["Step time by kind of step, on the engine's own batches: steps, measured / "
+                  "predicted mean ms (MAPE):", "",
+                  "| model | engine | " + " | ".join(kinds) + " |",
+                  "|---|---|" + "---:|" * len(kinds)]
+        for r in rows:
+            cells = {k["kind"]: f"{k['steps']}: {k['measured_ms']:.1f} / "
+                     f"{k['predicted_ms']:.1f} ({k['mape']:.1%})" for k in r["by_kind"]}
+            lines.append(f"| {r['model']} | {_cell(r['engine'])} | "
+                         + " | ".join(cells.get(k, "–") for k in kinds) + " |")
+        lines.append("")
+    lines += [f"![measured vs simulated TPOT]({args.out.with_suffix('.png').name})", ""]
     args.out.with_suffix(".md").write_text("\n".join(lines))
     _plot(runs, args.out.with_suffix(".png"))
     print("\n".join(lines))

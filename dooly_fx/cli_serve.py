@@ -355,6 +355,9 @@ def _print_serving(p: dict) -> None:
                   f"{ms['forward']:.2f} + update {ms['update']:.2f} · predicted mean "
                   f"{s['predicted_ms']['mean']:.2f} ms · step MAPE {_pct(s['mape'])} "
                   f"(bias {_pct(s['bias'], True)})")
+        for k in s.get("by_kind", []):
+            out.print(f"  {k['kind']}: {k['steps']} steps, measured {k['measured_ms']:.1f} ms, "
+                      f"predicted {k['predicted_ms']:.1f} ms (MAPE {_pct(k['mape'])})")
         if ms.get("attention_host") is not None:
             out.print(f"attention calls on the host per forward: mean "
                       f"{ms['attention_host']:.2f} ms, median {ms['attention_host_median']:.2f} "

@@ -447,7 +447,30 @@ def step_report(steps: Sequence[EngineStep], step_time) -> dict:
                         else None},
         "predicted_ms": {"mean": float(pred.mean() * 1e3)},
         "busy_s": float(dur.sum()),
+        "by_kind": _by_kind(steps, dur, pred),
     }
+
+
+STEP_KINDS = (("decode only", 1, 1), ("with prefill, T < 1024", 2, 1023),
+              ("with prefill, T >= 1024", 1024, None))
+"""How `step_report` groups the engine's steps: decode-only steps, and steps with a prefill
+chunk by their new tokens T."""
+
+
+def _by_kind(steps: Sequence[EngineStep], dur: np.ndarray, pred: np.ndarray) -> list[dict]:
+    """Per kind of step (`STEP_KINDS`): how many, measured and predicted mean ms, MAPE."""
+    tokens = np.array([sum(s.new) for s in steps])
+    decode = np.array([all(n == 1 for n in s.new) for s in steps])
+    rows = []
+    for name, lo, hi in STEP_KINDS:
+        sel = decode if name == "decode only" else \
+            ~decode & (tokens >= lo) & (tokens <= (hi or tokens.max()))
+        if sel.any():
+            rows.append({"kind": name, "steps": int(sel.sum()),
+                         "measured_ms": float(dur[sel].mean() * 1e3),
+                         "predicted_ms": float(pred[sel].mean() * 1e3),
+                         "mape": float(_ape(pred[sel], dur[sel]).mean())})
+    return rows
 
 
 def _num(x: float) -> float | None:

@@ -337,6 +337,10 @@ def test_validate_serving_serves_every_token_and_replays_the_same_report(tiny_db
     assert torch.nn.functional.scaled_dot_product_attention is sdpa
     assert run["ttft"]["requests"] == 6 and run["ttft"]["mape"] >= 0
     assert run["steps"]["steps"] == len(measured["steps"])
+    kinds = {k["kind"]: k["steps"] for k in run["steps"]["by_kind"]}
+    assert sum(kinds.values()) == len(measured["steps"])
+    assert kinds.get("decode only", 0) == sum(all(n == 1 for n in s["new"])
+                                              for s in measured["steps"])
     code, _, _ = _cli(capsys, "validate-serving", model, "--db", str(db_path), "--device", "cpu",
                       "--measured", str(path), "--json", str(again))
     replay = json.loads(again.read_text())
