@@ -149,6 +149,7 @@ def cmd_validate_steps(args: argparse.Namespace) -> None:
             --steps prefill:1x512,decode:8x1024
         python -m dooly_fx validate-steps llama-3.1-8b --db h100.db --measured steps.json
     """
+    from dooly_fx.fused import profiled_kinds
     from dooly_fx.hostinfo import machine
     from dooly_fx.predict import load
     from dooly_fx.spec import resolve_model
@@ -173,7 +174,8 @@ def cmd_validate_steps(args: argparse.Namespace) -> None:
         with progress() as bar:
             task = bar.add_task(f"steps · {spec.name}", total=len(steps))
             measured = measure_steps(spec, engine, steps, device, reps=args.reps,
-                                     on_step=lambda: bar.advance(task))
+                                     on_step=lambda: bar.advance(task),
+                                     fused_kinds=profiled_kinds(loaded))
         measured_on = machine(device)
     report = compare(loaded, measured)
     report.update(environment=env["fingerprint"], device=env["device"],

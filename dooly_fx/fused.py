@@ -11,10 +11,12 @@ its check and is recorded as failed, never timed wrongly.
     norm      rmsnorm(x, weight, eps)                 x (m, H), weight (H,)
     act_mul   silu_mul_split(gate, up)                gate (m, I), up (m, I)
               silu_mul(gate_up)                       gate_up (m, 2I)
+    rotary    rotary(q, k, cos, sin) on token rows    q (B, Hq, S, D), k (B, Hk, S, D),
+                                                      cos, sin (B, S, D)
 
-`fuse_model` turns a transformers model into that fused engine (its RMSNorms and SiLU-gated
-MLPs run the same kernels), so `validate-steps --kernels triton` measures real steps of the
-engine whose units were profiled.
+`fuse_model` turns a transformers model into that fused engine (its RMSNorms, SiLU-gated
+MLPs and rotary embeddings run the same kernels), so `validate-steps --kernels triton`
+measures real steps of the engine whose units were profiled.
 """
 
 from __future__ import annotations
@@ -85,16 +87,52 @@ def _silu_mul(tensors: list[torch.Tensor]) -> Callable[[], torch.Tensor]:
     return lambda: silu_mul_split(gate, up)
 
 
+@register_fused("rotary")
+def _rotary(tensors: list[torch.Tensor]) -> Callable[[], torch.Tensor]:
+    q, k = (t for t in tensors if t.dim() == 4)  # in the order transformers uses them
+    cos, sin = (t for t in tensors if t.dim() == 3)
+    # The model's q and k are (B, S, H, D) projections seen as (B, H, S, D): lay the unit's
+    # inputs out that way, so each token's heads are rows of one stride, as in the model.
+    q, k = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k))
+    return lambda: fused_rotary(q, k, cos, sin)[0]
+
+
+def fused_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+                 sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' `apply_rotary_pos_emb(q, k, cos, sin)` for q (B, Hq, S, D), k (B, Hk, S,
+    D), cos and sin (B, S, D), as one `rotary` launch over the B*S token rows; the outputs are
+    (B, H, S, D) views of token-major results, as the projections were."""
+    from dooly_fx.kernels.rotary import rotary
+
+    b, hq, s, d = q.shape
+    if cos.shape[-1] != d:
+        raise ValueError(f"rotary kernel: partial rotary ({cos.shape[-1]} of {d} dims)")
+    cos, sin = (x.expand(b, s, d).reshape(b * s, d) for x in (cos, sin))  # may be (1, S, D)
+    q_out, k_out = rotary(q.transpose(1, 2).reshape(b * s, hq, d),
+                          k.transpose(1, 2).reshape(b * s, k.shape[1], d), cos, sin)
+    return (q_out.view(b, s, hq, d).transpose(1, 2),
+            k_out.view(b, s, k.shape[1], d).transpose(1, 2))
+
+
 SILU = ("SiLU", "SiLUActivation")
 """Activation modules (torch's and transformers' `ACT2FN["silu"]`) the SiLU·mul kernel computes."""
 
 
-def fuse_model(model: torch.nn.Module) -> dict[str, int]:
+def profiled_kinds(loaded) -> set[str]:
+    """The unit kinds a model's fused-engine profile (`predict.Loaded`) ran as our kernels: a
+    kind its capture never split out (rotary inside the attention unit) is not among them."""
+    return {fit.kind for fit in loaded.fits.values() if fit.canonical.get("impl") == IMPL}
+
+
+def fuse_model(model: torch.nn.Module, kinds=tuple(FUSED)) -> dict[str, int]:
     """Make `model` run as the fused engine, in place: every RMSNorm module (class name ending
-    in `RMSNorm`, Gemma's `(1 + w)` scale included) calls `rmsnorm`, and every MLP whose
+    in `RMSNorm`, Gemma's `(1 + w)` scale included) calls `rmsnorm`, every MLP whose
     activation is SiLU calls `silu_mul_split` on its gate and up projections (`silu_mul` on a
-    fused `gate_up_proj`, Phi-3's layout). Other modules keep transformers' code. Returns how
-    many modules of each kind were fused."""
+    fused `gate_up_proj`, Phi-3's layout), and every attention module applies its rotary
+    embedding with `rotary` (`fused_rotary`; a partial rotary keeps transformers' code); each
+    only where its kind is in `kinds` (`profiled_kinds`: what the profile being validated
+    fused). Other modules keep transformers' code. Returns how many modules of each kind were
+    fused."""
     from dooly_fx.kernels.rmsnorm import rmsnorm
     from dooly_fx.kernels.silu_mul import silu_mul, silu_mul_split
 
@@ -118,17 +156,42 @@ def fuse_model(model: torch.nn.Module) -> dict[str, int]:
             return module.down_proj(rows.reshape(*x.shape[:-1], -1))
         return forward
 
-    counts = {"norm": 0, "act_mul": 0}
+    def rotary_forward(module, forward):
+        # The attention's forward calls its modeling module's `apply_rotary_pos_emb`; swap
+        # that global for this module's calls only, so other models keep transformers' code.
+        scope = forward.__func__.__globals__
+        eager = scope["apply_rotary_pos_emb"]
+
+        def apply(q, k, cos, sin, unsqueeze_dim=1):
+            if unsqueeze_dim != 1 or cos.shape[-1] != q.shape[-1] or q.dim() != 4:
+                return eager(q, k, cos, sin, unsqueeze_dim)
+            return fused_rotary(q, k, cos, sin)
+
+        def wrapped(*args, **kwargs):
+            scope["apply_rotary_pos_emb"] = apply
+            try:
+                return forward(*args, **kwargs)
+            finally:
+                scope["apply_rotary_pos_emb"] = eager
+        return wrapped
+
+    counts = {"norm": 0, "act_mul": 0, "rotary": 0}
     for module in model.modules():
         name = type(module).__name__
+        if "rotary" in kinds and name.endswith("Attention") and "apply_rotary_pos_emb" in \
+                getattr(type(module).forward, "__globals__", {}):
+            module.forward = rotary_forward(module, module.forward)
+            counts["rotary"] += 1
+            continue
         eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
-        if name.endswith("RMSNorm") and getattr(module, "weight", None) is not None \
-                and eps is not None:
+        if "norm" in kinds and name.endswith("RMSNorm") and eps is not None \
+                and getattr(module, "weight", None) is not None:
             module.forward = norm_forward(module, eps, 1.0 if name.startswith("Gemma") else 0.0)
             counts["norm"] += 1
             continue
         act = getattr(module, "act_fn", None) or getattr(module, "activation_fn", None)
-        if type(act).__name__ not in SILU or not hasattr(module, "down_proj"):
+        if "act_mul" not in kinds or type(act).__name__ not in SILU \
+                or not hasattr(module, "down_proj"):
             continue
         if hasattr(module, "gate_proj") and hasattr(module, "up_proj"):
             module.forward = split_forward(module)

@@ -79,9 +79,11 @@ class MeasuredStep:
     skipped: str | None = None
 
 
-def build_model(spec: ModelSpec, engine: EngineProfile, device: str) -> torch.nn.Module:
+def build_model(spec: ModelSpec, engine: EngineProfile, device: str,
+                fused_kinds=None) -> torch.nn.Module:
     """The transformers model of `spec` with random weights, in the engine's dtype and
-    attention implementation, on `device`; with `kernels="triton"`, fused (`fused.fuse_model`)."""
+    attention implementation, on `device`; with `kernels="triton"`, fused (`fused.fuse_model`,
+    the unit kinds `fused_kinds`, default all)."""
     from transformers import AutoModelForCausalLM
 
     from dooly_fx.capture import has_experts
@@ -95,7 +97,7 @@ def build_model(spec: ModelSpec, engine: EngineProfile, device: str) -> torch.nn
     if engine.kernels == "triton":
         from dooly_fx.fused import fuse_model
 
-        fuse_model(model)
+        fuse_model(model, *([fused_kinds] if fused_kinds is not None else []))
     return model.eval()
 
 
@@ -145,13 +147,14 @@ def _timer(device: str) -> Callable[[Callable[[], object]], float]:
 
 def measure_steps(spec: ModelSpec, engine: EngineProfile, steps: Sequence[str], device: str,
                   warmup: int = 3, reps: int = 10,
-                  on_step: Callable[[], None] | None = None) -> list[MeasuredStep]:
+                  on_step: Callable[[], None] | None = None,
+                  fused_kinds=None) -> list[MeasuredStep]:
     """Time each batch spec's real forward step; a step that runs out of memory is recorded
-    as skipped."""
+    as skipped. `fused_kinds`: see `build_model`."""
     if engine.engine != "padded":
         raise UserError("validate-steps times the padded engine; paged steps are validated "
                         "through the serving engine (validate-serving)")
-    model = build_model(spec, engine, device)
+    model = build_model(spec, engine, device, fused_kinds)
     timer, base, out = _timer(device), {}, []
     vocab = model.config.vocab_size
     for text in steps:
@@ -204,9 +207,10 @@ def unit_fidelity(spec: ModelSpec, engine: EngineProfile, loaded, steps: Sequenc
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile, record_function
 
+    from dooly_fx.fused import profiled_kinds
     from dooly_fx.predict import predict_step
 
-    model = build_model(spec, engine, device)
+    model = build_model(spec, engine, device, profiled_kinds(loaded))
     modules = dict(model.named_modules())
     rows, base = [], {}
     ranges: dict[str, object] = {}  # module name -> its open profiler range

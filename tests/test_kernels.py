@@ -242,18 +242,26 @@ def test_rotary_costs():
 # --- the fused engine as a model ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name, fused", [("llama-3.1-8b", {"norm": 7, "act_mul": 3}),
-                                         ("phi-3-mini", {"norm": 7, "act_mul": 3}),
-                                         ("gemma-2-9b", {"norm": 21, "act_mul": 0})])
-def test_fuse_model_runs_the_kernels_and_keeps_the_models_output(name, fused):
-    """`fuse_model` swaps every RMSNorm (Gemma's `1 + w` scale too) and every SiLU-gated MLP
-    (split gate/up and Phi-3's packed gate_up) for our kernels; GELU MLPs stay as they are.
+@pytest.mark.parametrize("name, fused", [
+    ("llama-3.1-8b", {"norm": 7, "act_mul": 3, "rotary": 3}),
+    ("phi-3-mini", {"norm": 7, "act_mul": 3, "rotary": 3}),
+    ("gemma-2-9b", {"norm": 21, "act_mul": 0, "rotary": 5})])
+def test_fuse_model_runs_the_kernels_and_keeps_the_models_output(name, fused, monkeypatch):
+    """`fuse_model` swaps every RMSNorm (Gemma's `1 + w` scale too), every SiLU-gated MLP
+    (split gate/up and Phi-3's packed gate_up) and every attention's rotary embedding for our
+    kernels; GELU MLPs stay as they are, and so does an unfused model of the same class.
     Same weights, same logits."""
+    import dooly_fx.fused
     from dooly_fx.engine import EngineProfile
     from dooly_fx.fused import fuse_model
     from dooly_fx.validate import build_model
 
     from tiny import tiny_spec
+
+    calls = []
+    rotary_of = dooly_fx.fused.fused_rotary
+    monkeypatch.setattr(dooly_fx.fused, "fused_rotary",
+                        lambda *args: calls.append(1) or rotary_of(*args))
 
     spec = tiny_spec(name)
     eager = build_model(spec, EngineProfile(dtype="float32"), "cpu")
@@ -265,5 +273,11 @@ def test_fuse_model_runs_the_kernels_and_keeps_the_models_output(name, fused):
     assert fuse_model(model) == fused
     ids = torch.randint(0, 100, (2, 5), generator=_gen(2))
     with torch.inference_mode():
-        want, got = eager(input_ids=ids).logits, model(input_ids=ids).logits
+        got = model(input_ids=ids).logits
+        assert len(calls) == fused["rotary"]  # one launch per layer
+        want = eager(input_ids=ids).logits
+    assert len(calls) == fused["rotary"]  # the unfused model ran transformers' rotary
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # Only the kinds a profile fused (`profiled_kinds`): here the norms alone.
+    alone = build_model(spec, EngineProfile(dtype="float32"), "cpu")
+    assert fuse_model(alone, {"norm"}) == {"norm": fused["norm"], "act_mul": 0, "rotary": 0}

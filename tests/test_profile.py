@@ -302,20 +302,22 @@ def test_moe_experts_run_the_engine_implementation_at_each_skew(impl):
 
 
 def test_fused_engine_variant_times_triton_kernels_checked_against_the_units():
-    """--kernels triton: norms and SiLU·mul get their own signatures and run as our Triton
-    kernels (interpreted on CPU), each checked against the unit's subgraph first; GEMMs and
-    attention keep the eager engine's signatures."""
+    """--kernels triton: norms, SiLU·mul and rotary get their own signatures and run as our
+    Triton kernels (interpreted on CPU), each checked against the unit's subgraph first;
+    GEMMs and attention keep the eager engine's signatures."""
     from dooly_fx.lowering import lower
 
     spec = tiny_spec("llama-3.1-8b")
-    eager = collect([spec], EngineProfile(dtype="float32"), ["decode"])
-    fused = collect([spec], EngineProfile(dtype="float32", kernels="triton"), ["decode"])
-    kinds = {c.kind for c in fused.cases.values() if c.canonical.get("impl") == "triton"}
-    assert kinds == {"norm", "act_mul"}
-    shared = set(eager.cases) & set(fused.cases)
-    assert {eager.cases[k].kind for k in set(eager.cases) - shared} == {"norm", "act_mul"}
-    assert fused.engine == "padded|sdpa|float32|triton"
-    for case in fused.cases.values():
-        if case.canonical.get("impl") == "triton":
-            for point in ({"m": 1}, {"m": 6}):
-                lower(case, point, "cpu").check()
+    fused_kinds = {"norm", "act_mul", "rotary"}
+    for phase in ("prefill", "decode"):
+        eager = collect([spec], EngineProfile(dtype="float32"), [phase])
+        fused = collect([spec], EngineProfile(dtype="float32", kernels="triton"), [phase])
+        kinds = {c.kind for c in fused.cases.values() if c.canonical.get("impl") == "triton"}
+        assert kinds == fused_kinds
+        shared = set(eager.cases) & set(fused.cases)
+        assert {eager.cases[k].kind for k in set(eager.cases) - shared} == fused_kinds
+        assert fused.engine == "padded|sdpa|float32|triton"
+        for case in fused.cases.values():
+            if case.canonical.get("impl") == "triton":
+                for point in points(case.canonical, Bounds(8, 2, 16))[-2:]:
+                    lower(case, point, "cpu").check()
