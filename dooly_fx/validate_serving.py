@@ -447,24 +447,25 @@ def step_report(steps: Sequence[EngineStep], step_time) -> dict:
                         else None},
         "predicted_ms": {"mean": float(pred.mean() * 1e3)},
         "busy_s": float(dur.sum()),
-        "by_kind": _by_kind(steps, dur, pred),
+        "by_kind": _by_kind(steps, dur, pred, decode),
     }
 
 
-STEP_KINDS = (("decode only", 1, 1), ("with prefill, T < 1024", 2, 1023),
-              ("with prefill, T >= 1024", 1024, None))
-"""How `step_report` groups the engine's steps: decode-only steps, and steps with a prefill
-chunk by their new tokens T."""
+PREFILL_SPLIT = 1024
+"""`step_report` groups the steps with a prefill chunk by whether their new tokens T reach
+this."""
 
 
-def _by_kind(steps: Sequence[EngineStep], dur: np.ndarray, pred: np.ndarray) -> list[dict]:
-    """Per kind of step (`STEP_KINDS`): how many, measured and predicted mean ms, MAPE."""
+def _by_kind(steps: Sequence[EngineStep], dur: np.ndarray, pred: np.ndarray,
+             decode: np.ndarray) -> list[dict]:
+    """Per kind of step (decode only; with a prefill chunk, T below or from `PREFILL_SPLIT`):
+    how many, measured and predicted mean ms, MAPE."""
     tokens = np.array([sum(s.new) for s in steps])
-    decode = np.array([all(n == 1 for n in s.new) for s in steps])
+    kinds = {"decode only": decode,
+             f"with prefill, T < {PREFILL_SPLIT}": ~decode & (tokens < PREFILL_SPLIT),
+             f"with prefill, T >= {PREFILL_SPLIT}": ~decode & (tokens >= PREFILL_SPLIT)}
     rows = []
-    for name, lo, hi in STEP_KINDS:
-        sel = decode if name == "decode only" else \
-            ~decode & (tokens >= lo) & (tokens <= (hi or tokens.max()))
+    for name, sel in kinds.items():
         if sel.any():
             rows.append({"kind": name, "steps": int(sel.sum()),
                          "measured_ms": float(dur[sel].mean() * 1e3),
