@@ -30,6 +30,11 @@ FLOPS: dict[str, CostFn] = {}
 register_flops = registrar(FLOPS, "FLOP formula")
 """`@register_flops(kind, ...)`: the FLOP formula of unit kinds."""
 
+EXTRA_BYTES: dict[str, CostFn] = {}
+register_extra_bytes = registrar(EXTRA_BYTES, "extra bytes formula")
+"""`@register_extra_bytes(kind, ...)`: bytes a unit kind moves beyond its input and output
+tensors (memory it reads that is not an argument, e.g. a KV cache)."""
+
 
 _FUNCTIONS = {"floor": sympy.floor, "ceiling": sympy.ceiling, "Max": sympy.Max,
               "Min": sympy.Min, "Mod": sympy.Mod}
@@ -79,7 +84,10 @@ def cost(canonical: dict, point: Point) -> tuple[float, float]:
     ins, outs = tensors(canonical.get("inputs", []), point), \
         tensors(canonical.get("outputs", []), point)
     moved = sum(math.prod(shape) * itemsize(dtype) for dtype, shape in [*ins, *outs])
-    flops = FLOPS.get(canonical.get("kind", ""), _elementwise)(ins, outs, canonical, point)
+    kind = canonical.get("kind", "")
+    if kind in EXTRA_BYTES:
+        moved += EXTRA_BYTES[kind](ins, outs, canonical, point)
+    flops = FLOPS.get(kind, _elementwise)(ins, outs, canonical, point)
     return float(flops), float(moved)
 
 
@@ -102,13 +110,37 @@ def _gemm(ins: list[Tensor], outs: list[Tensor], canonical: dict, point: Point) 
 
 @register_flops("attention", "paged_attention")
 def _attention(ins: list[Tensor], outs: list[Tensor], canonical: dict, point: Point) -> float:
-    """4·|q|·Skv (QK^T and PV over every query element): |q| = tokens·heads·head_dim of the
-    first input (the query, however laid out), Skv = P + S keys per sequence (padded) or
-    P + T/N (flattened); causal masking is a constant factor the fit absorbs."""
+    """4·|q|·K (QK^T and PV over every query element and every key it is scored against):
+    |q| = tokens·heads·head_dim of the first input (the query, however laid out). Padded, each
+    sequence attends its own K = P + S keys. Flattened (`paged_attention`), transformers'
+    paged sdpa and eager attention score all T queries of the step against all K = N·P + T
+    keys in one call, the mask removing other sequences' keys only after the work is done.
+    Causal masking is a constant factor the fit absorbs."""
     if not ins:
         return 0.0
-    new = point.get("S", point.get("T", 1) / max(1, point.get("N", 1)))
-    return 4.0 * math.prod(ins[0][1]) * (point.get("P", 0) + new)
+    if canonical.get("kind") == "paged_attention":
+        keys = _step_keys(point)
+    else:
+        keys = point.get("P", 0) + point.get("S", 1)
+    return 4.0 * math.prod(ins[0][1]) * keys
+
+
+def _step_keys(point: Point) -> float:
+    """Keys one flattened (`paged_attention`) call reads: N·P cached plus T new (T = N in a
+    decode step)."""
+    return point.get("N", 1) * point.get("P", 0) + point.get("T", point.get("N", 1))
+
+
+@register_extra_bytes("paged_attention")
+def _paged_attention_bytes(ins: list[Tensor], outs: list[Tensor], canonical: dict,
+                           point: Point) -> float:
+    """The step's K and V read from the paged cache (kv-heads wide), written again with every
+    query head (`repeat_kv`, contiguous) and read by the kernel, and the (T, keys) mask."""
+    if len(ins) < 2:
+        return 0.0
+    (dtype, (tokens, heads, dim)), (_, (_, kv_heads, _)) = ins[0], ins[1]
+    keys = _step_keys(point)
+    return itemsize(dtype) * keys * (2 * kv_heads * dim + 4 * heads * dim + tokens)
 
 
 @register_flops("moe_experts")

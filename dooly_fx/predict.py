@@ -33,7 +33,7 @@ from dooly_fx.fit import LatencyModel, fit_unit
 from dooly_fx.names import ENGINE_PREPARE_ROLE, SHAPE_BUILD_SUFFIX
 from dooly_fx.sweep import request_vars
 
-FIT_VERSION = 1
+FIT_VERSION = 2
 """Bumped when the fitting changes, so stale fits are redone."""
 DEFAULT_SKEW = 0.0
 """MoE routing skew assumed when predicting (0: every expert gets the same share)."""

@@ -39,6 +39,24 @@ def test_attention_cost_counts_queries_times_keys():
     assert moved == 2 * (4 * 256 + 4 * 2 * 100 * 64)
 
 
+def test_paged_attention_cost_scores_every_query_against_every_key_of_the_step():
+    """transformers' paged sdpa/eager attention is one dense call over the step's T queries
+    and N·P + T keys; it also reads the cache (kv heads), writes and reads K/V with every
+    query head (`repeat_kv`) and reads the (T, keys) mask."""
+    paged = {"kind": "paged_attention",
+             "inputs": [["bfloat16", ["T", 8, 64]], ["bfloat16", ["T", 2, 64]],
+                        ["bfloat16", ["T", 2, 64]], ["int32", ["N + 1"]]],
+             "outputs": [["bfloat16", ["T", 8, 64]]]}
+    flops, moved = cost(paged, {"T": 10, "N": 4, "P": 100})
+    keys = 4 * 100 + 10
+    assert flops == 4 * (10 * 8 * 64) * keys
+    tensors_ = 2 * (10 * 8 * 64 + 2 * 10 * 2 * 64 + 10 * 8 * 64) + 4 * 5
+    assert moved == tensors_ + 2 * keys * (2 * 2 * 64 + 4 * 8 * 64 + 10)
+    decode = {**paged, "inputs": [["bfloat16", ["N", 8, 64]], ["bfloat16", ["N", 2, 64]],
+                                  ["bfloat16", ["N", 2, 64]], ["int32", ["N + 1"]]]}
+    assert cost(decode, {"N": 4, "P": 100})[0] == 4 * (4 * 8 * 64) * (4 * 100 + 4)  # T = N
+
+
 def test_dim_expressions_read_S_as_a_symbol():
     assert dim_value("P + S", {"P": 7, "S": 5}) == 12
     assert dim_value("B*S", {"B": 3, "S": 4}) == 12
