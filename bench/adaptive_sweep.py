@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from db_fit import load  # noqa: E402
 
-from dooly_fx.db import LatencyDB  # noqa: E402
+from dooly_fx.db import LatencyDB, canonical_point  # noqa: E402
 from dooly_fx.fit import fit_unit  # noqa: E402
 from dooly_fx.sweep import BEND, Bounds, points, sweep_points  # noqa: E402
 
@@ -124,7 +124,7 @@ def profiled(path: Path) -> dict:
                                      dict(zip(xs.tolist(), u["y"], strict=True))))
         var = u["names"][0]
         measured = {x for x in xs.tolist()
-                    if (u["key"], json.dumps({var: x}, separators=(",", ":"))) in first}
+                    if (u["key"], canonical_point({var: x})) in first}
         replayed += chosen == measured
         error = held_out_mape(u, np.isin(xs, list(measured)))
         if error is not None:

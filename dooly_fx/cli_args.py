@@ -26,5 +26,5 @@ def engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attn", default="sdpa", choices=ATTN_IMPLS, help="attention impl")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     parser.add_argument("--kernels", default="eager", choices=("eager", "triton"),
-                        help="triton: the fused-engine variant (norms and SiLU·mul as one Triton "
-                             "kernel each)")
+                        help="triton: the fused-engine variant (norms, SiLU·mul and rotary as "
+                             "one Triton kernel each)")

@@ -108,27 +108,27 @@ def _gemm(ins: list[Tensor], outs: list[Tensor], canonical: dict, point: Point) 
     return 2.0 * m * n * k
 
 
-@register_flops("attention", "paged_attention")
+@register_flops("attention")
 def _attention(ins: list[Tensor], outs: list[Tensor], canonical: dict, point: Point) -> float:
-    """4·|q|·K (QK^T and PV over every query element and every key it is scored against):
-    |q| = tokens·heads·head_dim of the first input (the query, however laid out). Padded, each
-    sequence attends its own K = P + S keys. Flattened (`paged_attention`), transformers'
-    paged sdpa and eager attention score all T queries of the step against all K = N·P + T
-    keys in one call, the mask removing other sequences' keys only after the work is done.
-    Causal masking is a constant factor the fit absorbs."""
-    if not ins:
-        return 0.0
-    if canonical.get("kind") == "paged_attention":
-        keys = _step_keys(point)
-    else:
-        keys = point.get("P", 0) + point.get("S", 1)
-    return 4.0 * math.prod(ins[0][1]) * keys
+    """4·|q|·(P + S) (QK^T and PV over every query element and the P + S keys of its own
+    sequence): |q| = tokens·heads·head_dim of the first input (the query, however laid out);
+    causal masking is a constant factor the fit absorbs."""
+    return 4.0 * math.prod(ins[0][1]) * (point.get("P", 0) + point.get("S", 1)) if ins else 0.0
 
 
 def _step_keys(point: Point) -> float:
     """Keys one flattened (`paged_attention`) call reads: N·P cached plus T new (T = N in a
     decode step)."""
     return point.get("N", 1) * point.get("P", 0) + point.get("T", point.get("N", 1))
+
+
+@register_flops("paged_attention")
+def _paged_attention(ins: list[Tensor], outs: list[Tensor], canonical: dict,
+                     point: Point) -> float:
+    """4·|q|·(N·P + T): transformers' paged sdpa and eager attention score all T queries of
+    the step against all of its keys in one call, the mask removing other sequences' keys only
+    after the work is done."""
+    return 4.0 * math.prod(ins[0][1]) * _step_keys(point) if ins else 0.0
 
 
 @register_extra_bytes("paged_attention")

@@ -124,17 +124,19 @@ def profiled_kinds(loaded) -> set[str]:
     return {fit.kind for fit in loaded.fits.values() if fit.canonical.get("impl") == IMPL}
 
 
-def fuse_model(model: torch.nn.Module, kinds=tuple(FUSED)) -> dict[str, int]:
+def fuse_model(model: torch.nn.Module, kinds=None) -> dict[str, int]:
     """Make `model` run as the fused engine, in place: every RMSNorm module (class name ending
     in `RMSNorm`, Gemma's `(1 + w)` scale included) calls `rmsnorm`, every MLP whose
     activation is SiLU calls `silu_mul_split` on its gate and up projections (`silu_mul` on a
     fused `gate_up_proj`, Phi-3's layout), and every attention module applies its rotary
     embedding with `rotary` (`fused_rotary`; a partial rotary keeps transformers' code); each
     only where its kind is in `kinds` (`profiled_kinds`: what the profile being validated
-    fused). Other modules keep transformers' code. Returns how many modules of each kind were
-    fused."""
+    fused; default every kind in `FUSED`). Other modules keep transformers' code. Returns how
+    many modules of each kind were fused."""
     from dooly_fx.kernels.rmsnorm import rmsnorm
     from dooly_fx.kernels.silu_mul import silu_mul, silu_mul_split
+
+    kinds = set(FUSED) if kinds is None else set(kinds)
 
     def norm_forward(module, eps: float, offset: float):
         def forward(x: torch.Tensor) -> torch.Tensor:

@@ -95,9 +95,9 @@ def build_model(spec: ModelSpec, engine: EngineProfile, device: str,
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=engine.torch_dtype)
     if engine.kernels == "triton":
-        from dooly_fx.fused import FUSED, fuse_model
+        from dooly_fx.fused import fuse_model
 
-        fuse_model(model, FUSED if fused_kinds is None else fused_kinds)
+        fuse_model(model, fused_kinds)
     return model.eval()
 
 
