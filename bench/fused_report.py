@@ -9,6 +9,10 @@ SiLU·mul MLPs run our Triton kernels) and writes `bench/results/fused.{json,md}
 measured and predicted time of both engines, the measured speed-up and the predicted one, and
 whether the prediction calls the step GPU- or host-bound; per model and overall, the median
 error of the predicted speed-up over GPU-bound steps and over all steps.
+
+`--other-instance DIR` also compares each eager steps file with `DIR/steps_MODEL_sdpa.json`,
+the same steps of the same engine measured on another instance of the machine: the ratio of
+the two measurements per step, apart for GPU- and host-bound steps.
 """
 
 from __future__ import annotations
@@ -25,6 +29,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=Path, default=Path("bench/results/fused"))
     parser.add_argument("--out", type=Path, default=Path("bench/results/fused.json"))
+    parser.add_argument("--other-instance", type=Path,
+                        help="folder of validate-steps files of the eager engine measured on "
+                             "another machine instance")
     args = parser.parse_args()
     pairs = [(path, path.with_name(path.name.replace("_eager.json", "_triton.json")))
              for path in sorted(args.steps.glob("steps_*_eager.json"))]
@@ -53,6 +60,8 @@ def main() -> None:
                        "measured_on": fused.get("measured_on"), **_summary(mine)})
     summary = {"models": models, "steps": rows, **_summary(rows),
                "command": " ".join(["python", *sys.argv])}
+    if args.other_instance:
+        summary["other_instance"] = _instances([e for e, _ in pairs], args.other_instance)
     args.out.write_text(json.dumps(summary, indent=1) + "\n")
     lines = ["# Fused engine (`--kernels triton`) vs eager: step speed-up, measured and predicted",
              "", f"- summarised by: `{summary['command']}` from `{args.steps}/`",
@@ -75,8 +84,33 @@ def main() -> None:
         lines.append(f"| {r['model']} | {r['step']} | {r['eager_ms']:.2f} | {r['fused_ms']:.2f} "
                      f"| {r['speedup']:.3f} | {r['predicted_speedup']:.3f} | "
                      f"{'GPU' if r['gpu_bound'] else 'host'} |")
+    if "other_instance" in summary:
+        o = summary["other_instance"]
+        lines += ["", f"## The eager engine on two machine instances (`{args.other_instance}/`)",
+                  "", f"Measured here / measured there, over {o['steps']} steps of "
+                  f"{len(pairs)} models: GPU-bound steps {o['gpu_bound']['min']:.3f}–"
+                  f"{o['gpu_bound']['max']:.3f}, host-bound steps {o['host_bound']['min']:.3f}–"
+                  f"{o['host_bound']['max']:.3f} (bound as predicted for the step)."]
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def _instances(eager_files: list[Path], other: Path) -> dict:
+    """Per-step ratios of each eager file's measurements to the same steps in `other`."""
+    ratios: dict[bool, list[float]] = {True: [], False: []}
+    for path in eager_files:
+        here = json.loads(path.read_text())
+        there_path = other / f"steps_{here['model']}_sdpa.json"
+        if not there_path.exists():
+            continue
+        there = {s["spec"]: s for s in json.loads(there_path.read_text())["steps"]}
+        for s in here["steps"]:
+            t = there.get(s["spec"])
+            if t and not s["skipped"] and not t["skipped"]:
+                ratios[s["gpu_ms"] >= s["host_ms"]].append(s["median_ms"] / t["median_ms"])
+    return {"steps": sum(map(len, ratios.values())),
+            **{name: {"min": min(r), "max": max(r)} if r else None
+               for name, r in (("gpu_bound", ratios[True]), ("host_bound", ratios[False]))}}
 
 
 def _summary(rows: list[dict]) -> dict:
