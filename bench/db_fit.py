@@ -47,7 +47,8 @@ def load(db: Path) -> tuple[dict, list[dict]]:
         units = []
         for key in keys:
             sig = handle.signature(key)
-            rows = handle.ok_points(info["fingerprint"], key)
+            # the sweep grid: points remeasured in another key class (`A`) are not on it
+            rows = [r for r in handle.ok_points(info["fingerprint"], key) if "A" not in r[0]]
             X, flops, moved = features(sig["canonical"], [p for p, _ in rows])
             units.append({"key": key, "kind": sig["kind"], "names": unit_vars(sig["canonical"]),
                           "X": X, "flops": flops, "bytes": moved,

@@ -5,6 +5,7 @@
 # Each run: the first $REQUESTS requests of bench/workloads/splitwise_conv_300.csv, arrivals
 # sped up $SPEEDUP times, prompts clipped to $MAX_PROMPT and outputs to $MAX_OUTPUT tokens;
 # eager attention gets a smaller cache and token budget (its scores are materialised).
+# $SUFFIX is appended to each file name (repeats of one run on one machine).
 set -u
 OUT_DIR=${1:?output folder}
 DB=${2:?latency DB}
@@ -14,6 +15,7 @@ SPEEDUP=${SPEEDUP:-1.5}
 MAX_PROMPT=${MAX_PROMPT:-2048}
 MAX_OUTPUT=${MAX_OUTPUT:-256}
 RUN_SECONDS=${RUN_SECONDS:-240}
+SUFFIX=${SUFFIX:-}
 TRACE=bench/workloads/splitwise_conv_300.csv
 mkdir -p "$OUT_DIR/serving"
 export PYTHONUNBUFFERED=1
@@ -24,7 +26,7 @@ for item in "$@"; do
     if [ "$attn" = eager ]; then
         extra="--max-batch-tokens 1024 --num-blocks 128"
     fi
-    name="$OUT_DIR/serving/serving_${model}_${attn}"
+    name="$OUT_DIR/serving/serving_${model}_${attn}${SUFFIX}"
     echo "=== $model $attn"
     timeout -s INT "$RUN_SECONDS" python3 -m dooly_fx validate-serving "$model" --db "$DB" \
         --attn "$attn" --trace "$TRACE" --num-requests "$REQUESTS" --speedup "$SPEEDUP" \

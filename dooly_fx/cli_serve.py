@@ -276,7 +276,6 @@ def cmd_validate_serving(args: argparse.Namespace) -> None:
     from dooly_fx.cli_latency import _environment, model_name
     from dooly_fx.engine import EngineProfile
     from dooly_fx.predict import FlatStepTime
-    from dooly_fx.simulate import preset
     from dooly_fx.spec import resolve_model, spec_from_config
     from dooly_fx.validate_serving import Served, compare, serve
 
@@ -309,9 +308,7 @@ def cmd_validate_serving(args: argparse.Namespace) -> None:
                            block_size=args.block_size, time_limit_s=args.time_limit,
                            on_done=lambda n: bar.update(task, completed=n))
     st = served.settings
-    cfg = preset("transformers", block_size=st["block_size"], num_blocks=st["num_blocks"],
-                 max_batch_tokens=st["max_batch_tokens"], max_seqs=st["max_seqs"])
-    report, result = compare(served, lambda: FlatStepTime(loaded), cfg)
+    report, result = compare(served, lambda: FlatStepTime(loaded), served.scheduler())
     payload = {"model": name, "device": env["device"], "environment": env["fingerprint"],
                "engine": served.engine, "predicted_from": loaded.engine,
                "measured_on": served.machine, "workload": workload, "settings": st,

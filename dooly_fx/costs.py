@@ -116,10 +116,33 @@ def _attention(ins: list[Tensor], outs: list[Tensor], canonical: dict, point: Po
     return 4.0 * math.prod(ins[0][1]) * (point.get("P", 0) + point.get("S", 1)) if ins else 0.0
 
 
-def _step_keys(point: Point) -> float:
+def step_keys(point: Point) -> int:
     """Keys one flattened (`paged_attention`) call reads: N·P cached plus T new (T = N in a
     decode step)."""
-    return point.get("N", 1) * point.get("P", 0) + point.get("T", point.get("N", 1))
+    return int(point.get("N", 1) * point.get("P", 0) + point.get("T", point.get("N", 1)))
+
+
+KEY_CLASSES = (8, 2, 1)
+"""Classes of the key count K one paged attention call reads: a multiple of 8 (8), even but
+not a multiple of 8 (2), odd (1). `paged|eager` writes the (T, K) scores of a step as a new
+tensor with rows K long; rows that are not 16 bytes aligned make cuBLAS and the softmax take
+slower kernels: on an H100, odd K costs 1.5-2.9x and other unaligned K 1.07-1.45x the aligned
+time (`bench/results/key_alignment.md`; `paged|sdpa`, whose mask rows keep the engine's
+buffer stride, shows none). A sweep grid of round numbers has aligned K at nearly every
+point, a serving engine's steps any K, so the profile also measures some points in each class
+(`sweep.points`) and the fit carries the ratio (`fit.fit_key_classes`)."""
+
+
+def key_class(keys: int) -> int:
+    """The class (`KEY_CLASSES`) of a key count."""
+    return 8 if keys % 8 == 0 else 2 if keys % 2 == 0 else 1
+
+
+def to_key_class(keys: int, cls: int) -> int:
+    """The fewest extra keys (0-7) that put `keys` in class `cls`."""
+    if cls not in KEY_CLASSES:
+        raise ValueError(f"key class {cls!r}: expected one of {KEY_CLASSES}")
+    return next(d for d in range(8) if key_class(keys + d) == cls)
 
 
 @register_flops("paged_attention")
@@ -128,7 +151,7 @@ def _paged_attention(ins: list[Tensor], outs: list[Tensor], canonical: dict,
     """4·|q|·(N·P + T): transformers' paged sdpa and eager attention score all T queries of
     the step against all of its keys in one call, the mask removing other sequences' keys only
     after the work is done."""
-    return 4.0 * math.prod(ins[0][1]) * _step_keys(point) if ins else 0.0
+    return 4.0 * math.prod(ins[0][1]) * step_keys(point) if ins else 0.0
 
 
 @register_extra_bytes("paged_attention")
@@ -139,7 +162,7 @@ def _paged_attention_bytes(ins: list[Tensor], outs: list[Tensor], canonical: dic
     if len(ins) < 2:
         return 0.0
     (dtype, (tokens, heads, dim)), (_, (_, kv_heads, _)) = ins[0], ins[1]
-    keys = _step_keys(point)
+    keys = step_keys(point)
     return itemsize(dtype) * keys * (2 * kv_heads * dim + 4 * heads * dim + tokens)
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from dooly_fx.db import LatencyDB
-from dooly_fx.predict import Loaded, features, predict_step, unit_vars
+from dooly_fx.predict import Loaded, features, predict_step, unit_ms, unit_vars
 
 REFERENCE_STEPS = {"prefill": [(1024, 0)], "decode": [(1, 1024)] * 16}
 """Steps whose time shares are reported: one 1024-token prefill; 16 sequences decoding at 1K."""
@@ -86,13 +86,14 @@ def coverage(db: LatencyDB, loaded: Loaded) -> list[UnitCoverage]:
 
 
 def _measured_and_fitted(db: LatencyDB, loaded: Loaded, key: str):
-    points = db.ok_points(loaded.env, key)
+    # The sweep grid (points remeasured in another key class, `A`, are not on it).
+    points = [(p, ms) for p, ms in db.ok_points(loaded.env, key) if "A" not in p]
     fit = loaded.fits.get(key)
     if not points or fit is None:
         return None
-    X, flops, moved = features(fit.canonical, [p for p, _ in points])
+    X, _, _ = features(fit.canonical, [p for p, _ in points])
     measured = np.array([ms for _, ms in points])
-    return X, measured, fit.gpu.predict_many(X, flops, moved), fit
+    return X, measured, np.array([unit_ms(fit, p) for p, _ in points]), fit
 
 
 def _unit_plot(db: LatencyDB, loaded: Loaded, row: UnitCoverage, path: Path) -> bool:
@@ -116,8 +117,7 @@ def _unit_plot(db: LatencyDB, loaded: Loaded, row: UnitCoverage, path: Path) -> 
         grid = np.unique(np.round(np.geomspace(max(xs.min(), 1), xs.max() * 2, 60)))
         Xg = np.repeat(rest[None, :], len(grid), axis=0)
         Xg[:, 0] = grid
-        fb = np.array([_cost_at(fit, dict(zip(fit.names, x, strict=True))) for x in Xg])
-        curve = fit.gpu.predict_many(Xg, fb[:, 0], fb[:, 1])
+        curve = [unit_ms(fit, dict(zip(fit.names, x, strict=True))) for x in Xg]
         label = None if group is None else f"{row.variables[1]}={group:g}"
         color = f"C{i}"
         ax.plot(grid, curve, color=color, label=label)
@@ -130,12 +130,6 @@ def _unit_plot(db: LatencyDB, loaded: Loaded, row: UnitCoverage, path: Path) -> 
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return True
-
-
-def _cost_at(fit, point: dict) -> tuple[float, float]:
-    from dooly_fx.costs import cost
-
-    return cost(fit.canonical, point)
 
 
 def _scatter(db: LatencyDB, loaded: Loaded, rows: Sequence[UnitCoverage], path: Path) -> None:

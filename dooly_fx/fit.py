@@ -364,3 +364,66 @@ def fit_unit(kind: str, names: list[str], X: np.ndarray, flops: np.ndarray, byte
     model = _fit_methods(kind, names, X, flops, bytes_, y, (best,))[best]
     model.cv_mape, model.cv_by_method = cv[best], cv
     return model
+
+
+# --- key classes of paged attention ------------------------------------------------------------
+
+
+def _queries(point: Mapping) -> float:
+    return float(point.get("T", point.get("N", 1)))
+
+
+def fit_key_classes(points: Sequence[tuple[Mapping, float]]) -> dict:
+    """How much slower a paged attention call runs when the keys it reads are not a multiple
+    of 8 (`costs.KEY_CLASSES`), from the points measured in every class (those with `A`):
+    per class, log(latency / aligned latency) on the grid of their query counts q (T, or N in
+    a decode step) and cached lengths P. The ratio is not monotone in the work (near 1 where
+    a call is launch-bound, largest in between, smaller again where the aligned kernels are
+    compute-bound), so it is interpolated, not fitted. Returns {"axes": [q values, P values],
+    "2": table, "1": table} (tables q-major; {} without such points); `key_class_ratio`
+    reads it."""
+    groups: dict[tuple[float, float], dict[int, list[float]]] = {}
+    for point, ms in points:
+        if "A" in point:
+            cell = groups.setdefault((_queries(point), float(point.get("P", 0))), {})
+            cell.setdefault(int(point["A"]), []).append(ms)
+    full = {k: v for k, v in groups.items() if len(v) == 3}
+    if not full:
+        return {}
+    qs, ps = sorted({q for q, _ in full}), sorted({p for _, p in full})
+    out: dict = {"axes": [qs, ps]}
+    for cls in (2, 1):
+        table = np.zeros((len(qs), len(ps)))
+        seen = np.zeros(table.shape, bool)
+        for (q, p), by in full.items():
+            i, j = qs.index(q), ps.index(p)
+            table[i, j], seen[i, j] = math.log(np.mean(by[cls]) / np.mean(by[8])), True
+        table[~seen] = table[seen].mean()  # a corner not measured (infeasible): the mean
+        out[str(cls)] = table.ravel().tolist()
+    return out
+
+
+def key_class_ratio(classes: Mapping, cls: int, queries: float, cached: float) -> float:
+    """Latency in key class `cls` over the aligned latency, from `fit_key_classes`' result
+    (1 for aligned keys or without it): bilinear in log q and log P, held at the edges."""
+    if str(cls) not in classes:
+        return 1.0
+    table = classes[str(cls)]
+    (qs, ps) = classes["axes"]
+
+    def locate(axis: list[float], v: float) -> tuple[int, float]:
+        if len(axis) == 1:
+            return 0, 0.0
+        u = [math.log(max(a, 1.0)) for a in axis]
+        x = min(max(math.log(max(v, 1.0)), u[0]), u[-1])
+        i = min(max(bisect.bisect_right(u, x) - 1, 0), len(u) - 2)
+        return i, (x - u[i]) / (u[i + 1] - u[i])
+
+    (i, wq), (j, wp) = locate(qs, queries), locate(ps, cached)
+    cols = len(ps)
+    log_ratio = 0.0
+    for di, w1 in ((0, 1 - wq), (1, wq)):
+        for dj, w2 in ((0, 1 - wp), (1, wp)):
+            if w1 and w2:
+                log_ratio += w1 * w2 * table[(i + di) * cols + j + dj]
+    return math.exp(log_ratio)

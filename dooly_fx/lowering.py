@@ -179,7 +179,10 @@ def _paged_attention(case: UnitCase, point: Point, device: str) -> Runnable:
     """One layer of the paged engine's attention, as the engine runs it (`paged.
     engine_attention`): N sequences, T new tokens split evenly, P cached tokens each, on a
     `PagedAttentionCache` built by transformers; checked against plain attention first.
-    A sliding-window layer (the op's first scalar) runs the engine's rolling-buffer path."""
+    A sliding-window layer (the op's first scalar) runs the engine's rolling-buffer path.
+    A point with `A` (a `paged.KEY_CLASSES` class) gives the first sequence up to 7 more
+    cached tokens, so that the keys read, N·P + T, fall in that class."""
+    from dooly_fx.costs import to_key_class
     from dooly_fx.paged import engine_attention
 
     values = realise(case.symbols, point)
@@ -187,8 +190,11 @@ def _paged_attention(case: UnitCase, point: Point, device: str) -> Runnable:
     n, t, cached = point.get("N", 1), point.get("T", point.get("N", 1)), point.get("P", 0)
     new = split_tokens(t, n)
     window, *_, impl = case.canonical["scalars"][-1]
+    lengths = [cached] * n
+    if "A" in point:
+        lengths[0] += to_key_class(n * cached + t, point["A"])
     fn, reference = engine_attention(q[1], k[1], q[2], case.inputs[0].dtype, device, impl,
-                                     new, [cached] * n, window=window)
+                                     new, lengths, window=window)
 
     def check() -> None:
         got = fn()

@@ -26,14 +26,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from dooly_fx.costs import cost, dim_value
+from dooly_fx.costs import cost, dim_value, key_class, step_keys
 from dooly_fx.db import LatencyDB
 from dooly_fx.errors import UserError
-from dooly_fx.fit import LatencyModel, fit_unit
+from dooly_fx.fit import LatencyModel, fit_key_classes, fit_unit, key_class_ratio
 from dooly_fx.names import ENGINE_PREPARE_ROLE, SHAPE_BUILD_SUFFIX
 from dooly_fx.sweep import request_vars
 
-FIT_VERSION = 2
+FIT_VERSION = 4
 """Bumped when the fitting changes, so stale fits are redone."""
 DEFAULT_SKEW = 0.0
 """MoE routing skew assumed when predicting (0: every expert gets the same share)."""
@@ -59,6 +59,15 @@ def features(canonical: dict, points: Sequence[dict]) -> tuple[np.ndarray, np.nd
                                                                                    len(names))
     fb = np.array([cost(canonical, p) for p in points], dtype=float).reshape(len(points), 2)
     return X, fb[:, 0], fb[:, 1]
+
+
+def keys_ratio(classes: dict, point: dict, keys: int | None = None) -> float:
+    """A paged attention call's latency at `point` over its latency with aligned keys
+    (`fit.key_class_ratio`): the keys read are `keys`, or N·P + T as profiled at `point`."""
+    if not classes:
+        return 1.0
+    cls = key_class(step_keys(point) if keys is None else keys)
+    return key_class_ratio(classes, cls, point.get("T", point.get("N", 1)), point.get("P", 0))
 
 
 def _digest(rows: Sequence[tuple[dict, float]]) -> str:
@@ -93,11 +102,15 @@ def fit_db(db: LatencyDB, env: str, on_unit: Callable[[], None] | None = None) -
             summary.unchanged += 1
         else:
             sig = db.signature(key)
-            X, flops, moved = features(sig["canonical"], [p for p, _ in points])
+            classes = fit_key_classes(points)
+            # The grid, each point brought to aligned keys: the model is of aligned latency.
+            grid = [(p, ms / keys_ratio(classes, p)) for p, ms in points if "A" not in p]
+            X, flops, moved = features(sig["canonical"], [p for p, _ in grid])
             model = fit_unit(sig["kind"], unit_vars(sig["canonical"]), X, flops, moved,
-                             np.array([ms for _, ms in points]))
+                             np.array([ms for _, ms in grid]))
             payload = {"gpu": model.to_json(),
-                       "host_ms": float(np.median(host)) if host else 0.0}
+                       "host_ms": float(np.median(host)) if host else 0.0,
+                       "key_classes": classes}
             rows.append((key, model.method, payload, model.cv_mape, len(points), digest))
             summary.fitted.append({"signature": key, "kind": sig["kind"],
                                    "method": model.method, "cv_mape": model.cv_mape,
@@ -131,6 +144,9 @@ class UnitFit:
     gpu: LatencyModel
     host_ms: float
     cv_mape: float | None
+    key_classes: dict = field(default_factory=dict)
+    """Paged attention: the fitted cost of keys not a multiple of 8 (`fit.fit_key_classes`);
+    `gpu` models the aligned latency."""
 
 
 @dataclass
@@ -190,7 +206,7 @@ def load(db: LatencyDB, model: str, env: str, engine: str) -> Loaded:
         model_json = stored[key]["model"]
         fits[key] = UnitFit(sig["kind"], sig["canonical"], unit_vars(sig["canonical"]),
                             LatencyModel.from_json(model_json["gpu"]), model_json["host_ms"],
-                            stored[key]["cv_mape"])
+                            stored[key]["cv_mape"], model_json.get("key_classes", {}))
     return Loaded(model, engine, env, config, uses, fits, missing, builds, engine_units)
 
 
@@ -231,7 +247,8 @@ class Step:
 
 
 def batch_values(batch: Batch, engine: str) -> tuple[str, dict[str, int]]:
-    """The phase of a batch and its request values (B, S, P padded; T, N flattened)."""
+    """The phase of a batch and its request values: padded, B, S, P; flattened, T, N, P (the
+    mean cached) and `keys`, the keys its attention reads (Σ cached + new)."""
     if not batch or any(q < 1 or c < 0 for q, c in batch):
         raise UserError("a batch needs at least one sequence, each with >= 1 new token and "
                         ">= 0 cached tokens")
@@ -243,7 +260,8 @@ def batch_values(batch: Batch, engine: str) -> tuple[str, dict[str, int]]:
     else:
         phase = "mixed"
     if engine.startswith("paged"):  # the attention reads Σ (cached + new) keys: N·P + T
-        return phase, {"T": sum(new), "N": len(batch), "P": round(sum(cached) / len(batch))}
+        return phase, {"T": sum(new), "N": len(batch), "P": round(sum(cached) / len(batch)),
+                       "keys": sum(new) + sum(cached)}
     return phase, {"B": len(batch), "S": 1 if phase == "decode" else max(new), "P": max(cached)}
 
 
@@ -293,6 +311,14 @@ def _uses(loaded: Loaded, phase: str, values: dict) -> tuple[str, list[Use]]:
     return regime, uses
 
 
+def unit_ms(fit: UnitFit, point: dict, keys: int | None = None) -> float:
+    """GPU ms of one call of a unit at its `point`; a paged attention call reading `keys`
+    keys (default: N·P + T, as profiled) pays its key class (`keys_ratio`)."""
+    flops, moved = cost(fit.canonical, point)
+    ms = fit.gpu.predict([point[n] for n in fit.names], flops, moved)
+    return ms * keys_ratio(fit.key_classes, point, keys)
+
+
 def predict_uses(loaded: Loaded, uses: Sequence[Use], values: dict,
                  skew: float = DEFAULT_SKEW) -> tuple[list[UnitStep], float, float]:
     """Each unit's prediction at `values`, and Σ count × GPU ms and Σ count × host ms."""
@@ -300,11 +326,9 @@ def predict_uses(loaded: Loaded, uses: Sequence[Use], values: dict,
     for use in uses:
         fit = loaded.fits[use.signature]
         point = unit_point(fit, use, values, skew)
-        flops, moved = cost(fit.canonical, point)
-        x = [point[n] for n in fit.names]
-        ms = fit.gpu.predict(x, flops, moved)
+        ms = unit_ms(fit, point, values.get("keys"))
         units.append(UnitStep(use.role, fit.kind, use.signature, use.count, point, ms,
-                              fit.host_ms, not fit.gpu.in_range(x)))
+                              fit.host_ms, not fit.gpu.in_range(point)))
         gpu += use.count * ms
         host += use.count * fit.host_ms
     return units, gpu, host
@@ -404,7 +428,7 @@ class FlatStepTime:
         phase, values = batch_values(batch, self.loaded.engine)
         shape = (values["T"], sum(q + c for q, c in batch))
         values["P"] = round(values["P"] / self.CONTEXT_BUCKET) * self.CONTEXT_BUCKET
-        key = (phase, values["T"], values["N"], values["P"])
+        key = (phase, values["T"], values["N"], values["P"], key_class(values["keys"]))
         if key not in self._memo:
             step = predict_at(self.loaded, phase, values, self.skew)
             builds = self.loaded.builds.get((phase, step.regime), [])

@@ -99,7 +99,30 @@ def points(canonical: dict, bounds: Bounds) -> list[dict[str, int]]:
     if canonical.get("kind") == "moe_experts":  # routing is a value: its skew is swept too
         names, grids = [*names, "skew"], [*grids, list(MOE_SKEWS)]
     out = [dict(zip(names, values, strict=True)) for values in itertools.product(*grids)]
+    out += _key_class_points(canonical, names, grids)
     return [p for p in out if _feasible(p, bounds)]
+
+
+def _spread(grid: list, fractions: tuple[float, ...]) -> list:
+    return sorted({grid[min(len(grid) - 1, round(f * (len(grid) - 1)))] for f in fractions})
+
+
+def _key_class_points(canonical: dict, names: list[str], grids: list[list]) -> list[dict]:
+    """Paged attention over a cache (P swept, no sliding window) reads N·P + T keys, a
+    multiple of 8 at nearly every grid point; real steps read any count, and odd or unaligned
+    counts run slower kernels (`paged.KEY_CLASSES`). So a few grid points are measured again
+    in every key class (`A`): the query count (T, or N in a decode step) at three spread grid
+    values, P at two, N (beside T) at one."""
+    from dooly_fx.costs import KEY_CLASSES
+
+    if canonical.get("kind") != "paged_attention" or "P" not in names or \
+            canonical["scalars"][-1][0]:
+        return []
+    queries = "T" if "T" in names else "N"
+    picks = {"N": (1 / 2,), "P": (1 / 4, 3 / 4), queries: (1 / 6, 1 / 2, 5 / 6)}
+    chosen = [_spread(g, picks[n]) for n, g in zip(names, grids, strict=True)]
+    return [{**dict(zip(names, values, strict=True)), "A": cls}
+            for values in itertools.product(*chosen) for cls in KEY_CLASSES]
 
 
 BEND = 0.05

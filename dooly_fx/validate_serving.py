@@ -122,6 +122,14 @@ class Served:
         except (KeyError, TypeError) as exc:
             raise UserError(f"not a validate-serving measurement ({exc!r})") from None
 
+    def scheduler(self):
+        """The simulator's scheduler with this run's engine settings (transformers policy)."""
+        from dooly_fx.schedulers import preset
+
+        st = self.settings
+        return preset("transformers", block_size=st["block_size"], num_blocks=st["num_blocks"],
+                      max_batch_tokens=st["max_batch_tokens"], max_seqs=st["max_seqs"])
+
     def workload(self) -> list[Request]:
         """The requests as they reached the engine: arrival = submission time."""
         return [Request(r.id, r.submitted_s, r.prompt_tokens, r.output_tokens)

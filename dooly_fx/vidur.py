@@ -54,9 +54,16 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dooly_fx.costs import cost
 from dooly_fx.errors import UserError
-from dooly_fx.predict import DEFAULT_SKEW, FlatStepTime, Loaded, Use, batch_values, unit_point
+from dooly_fx.predict import (
+    DEFAULT_SKEW,
+    FlatStepTime,
+    Loaded,
+    Use,
+    batch_values,
+    unit_ms,
+    unit_point,
+)
 
 STATS = ("min", "max", "mean", "median", "std")
 MLP_OPS = ("emb", "input_layernorm", "attn_pre_proj", "attn_rope", "attn_post_proj",
@@ -173,9 +180,7 @@ def _stats(op: str, ms: float) -> dict[str, float]:
 def _gpu_ms(loaded: Loaded, use: Use, values: dict) -> float:
     """GPU ms of one call of a unit at padded `values`, as `predict_step` computes it."""
     fit = loaded.fits[use.signature]
-    point = unit_point(fit, use, values, DEFAULT_SKEW)
-    flops, moved = cost(fit.canonical, point)
-    return fit.gpu.predict([point[n] for n in fit.names], flops, moved)
+    return unit_ms(fit, unit_point(fit, use, values, DEFAULT_SKEW))
 
 
 def export_vidur(loaded: Loaded, max_tokens: int = 4096, max_batch: int = 128,

@@ -220,3 +220,26 @@ def test_malformed_input_is_refused():
         fit_unit("gemm", ["m"], [[1.0], [2.0]], [1.0, 2.0], [1.0, 2.0], [0.1, -0.1])
     with pytest.raises(ValueError, match="shapes"):
         fit_unit("gemm", ["m", "B"], [[1.0], [2.0]], [1.0, 2.0], [1.0, 2.0], [0.1, 0.2])
+
+
+def test_key_class_ratios_are_recovered_from_points_measured_in_every_class():
+    from dooly_fx.fit import fit_key_classes, key_class_ratio
+
+    points = []
+    for t in (16, 128, 1024):
+        for p in (256, 4096):
+            aligned = 0.01 * t + p * 1e-3
+            points += [({"T": t, "N": 4, "P": p, "A": 8}, aligned),
+                       ({"T": t, "N": 4, "P": p, "A": 2}, aligned * 1.25),
+                       ({"T": t, "N": 4, "P": p, "A": 1}, aligned * 3.0 * t ** -0.2)]
+    points.append(({"T": 16, "N": 4, "P": 256}, 1.0))  # a grid point: not a class point
+    classes = fit_key_classes(points)
+    assert classes["axes"] == [[16, 128, 1024], [256, 4096]]
+    assert classes["2"] == pytest.approx([np.log(1.25)] * 6)
+    # log ratio linear in log q between the grid values: bilinear interpolation is exact
+    assert key_class_ratio(classes, 8, 100, 1000) == 1.0
+    assert key_class_ratio(classes, 1, 100, 1000) == pytest.approx(3.0 * 100 ** -0.2)
+    assert key_class_ratio(classes, 1, 1, 99999) == pytest.approx(3.0 * 16 ** -0.2)  # edges
+    assert key_class_ratio(classes, 2, 5000, 1) == pytest.approx(1.25)
+    assert fit_key_classes([({"N": 4, "P": 256}, 1.0)]) == {}
+    assert key_class_ratio({}, 1, 100, 100) == 1.0

@@ -83,7 +83,8 @@ def test_batch_values_pick_the_phase():
         ("prefill", {"B": 2, "S": 5, "P": 0})
     assert batch_values([(1, 9), (1, 4)], "padded|sdpa|bfloat16") == \
         ("decode", {"B": 2, "S": 1, "P": 9})
-    assert batch_values([(4, 9)], "paged|sdpa|bfloat16")[1] == {"T": 4, "N": 1, "P": 9}
+    assert batch_values([(4, 9)], "paged|sdpa|bfloat16")[1] == {"T": 4, "N": 1, "P": 9,
+                                                                "keys": 13}
 
 
 @pytest.fixture(scope="module")
@@ -230,13 +231,30 @@ def test_paged_engine_profiles_the_engines_own_attention_and_predicts_flat_steps
 
     # Two decodes with 32 cached tokens and a 4-token chunk on top of 32: T=6, N=3, P=32.
     expected = predict_step(loaded, [(1, 32), (1, 32), (4, 32)])
-    assert expected.values == {"T": 6, "N": 3, "P": 32} and expected.phase == "mixed"
+    assert expected.values == {"T": 6, "N": 3, "P": 32, "keys": 102}
+    assert expected.phase == "mixed"
     assert prepare("mixed", expected.values) > 0
     assert step([(1, 32), (1, 32), (4, 32)]) * 1e3 == pytest.approx(
         expected.total_ms + prepare("mixed", expected.values))
     decode = predict_step(loaded, [(1, 32), (1, 32)])
     assert step([(1, 16), (1, 48)]) * 1e3 == pytest.approx(
         decode.total_ms + prepare("decode", decode.values))  # mean cached: same keys read
+
+    # The attention was also measured in every key class, and a step pays its own class:
+    # one more cached token turns 102 keys (even) into 103 (odd) at the same (T, N, P).
+    from dooly_fx.fit import key_class_ratio
+
+    fit = loaded.fits[attn.key]
+    assert set(fit.key_classes) == {"1", "2", "axes"}
+
+    def attention_ms(batch):
+        return next(u.gpu_ms for u in predict_step(loaded, batch).units
+                    if u.signature == attn.key)
+
+    even = attention_ms([(1, 32), (1, 32), (4, 32)])
+    odd = attention_ms([(1, 33), (1, 32), (4, 32)])
+    assert odd / even == pytest.approx(key_class_ratio(fit.key_classes, 1, 6, 32)
+                                       / key_class_ratio(fit.key_classes, 2, 6, 32))
 
 
 def test_paged_sdpa_pays_the_attention_setup_once_per_new_shape(tmp_path):
@@ -270,4 +288,28 @@ def test_paged_sdpa_pays_the_attention_setup_once_per_new_shape(tmp_path):
     step = FlatStepTime(loaded)
     first, again = step([(1, 32), (1, 32)]), step([(1, 32), (1, 32)])
     assert first - again == pytest.approx(setup_ms / 1e3)
-    assert step([(1, 33), (1, 32)]) == pytest.approx(first)  # 66 -> 67 keys: a new shape
+    # 66 -> 68 keys: a new shape, in the same key class (even, not a multiple of 8)
+    assert step([(1, 34), (1, 32)]) == pytest.approx(first)
+
+
+def test_key_classes_of_paged_attention():
+    from dooly_fx.costs import key_class, to_key_class
+    from dooly_fx.sweep import points
+
+    assert [key_class(k) for k in (64, 66, 68, 67, 1)] == [8, 2, 2, 1, 1]
+    assert [to_key_class(64, c) for c in (8, 2, 1)] == [0, 2, 1]
+    assert [to_key_class(67, c) for c in (8, 2, 1)] == [5, 1, 0]
+    with pytest.raises(ValueError, match="key class 3"):
+        to_key_class(64, 3)
+    decode = {"kind": "paged_attention", "inputs": [["bfloat16", ["N", 32, 64]],
+                                                    ["bfloat16", ["N", 8, 64]],
+                                                    ["symint", ["P"]]],
+              "outputs": [], "scalars": [[0, "eager"]]}
+    classed = [p for p in points(decode, Bounds()) if "A" in p]
+    # N (the queries) at three spread grid values, P at two, each in every class.
+    assert sorted({(p["N"], p["P"]) for p in classed}) == [
+        (2, 128), (2, 4096), (16, 128), (16, 4096), (128, 128), (128, 4096)]
+    assert sorted(p["A"] for p in classed) == [1] * 6 + [2] * 6 + [8] * 6
+    sliding = {**decode, "scalars": [[4096, "eager"]]}  # a rolling buffer reads other counts
+    assert not any("A" in p for p in points(sliding, Bounds()))
+    assert not any("A" in p for p in points(GEMM, Bounds()))

@@ -159,3 +159,28 @@ def test_engine_attention_runs_the_sliding_window_path():
                                                cached, block_size=16, window=window)
         got = fn()
         torch.testing.assert_close(got, reference(), rtol=1e-4, atol=1e-4)
+
+
+def test_paged_attention_point_in_a_key_class_reads_that_many_keys(monkeypatch):
+    """A point with `A` gives the first sequence a few more cached tokens, so the keys read
+    (N·P + T = 68 at this point, class 2) fall in that class; the runnable still checks
+    against plain attention."""
+    from dooly_fx import lowering
+    from dooly_fx.costs import key_class
+    from dooly_fx.profile import collect
+
+    coll = collect([tiny_spec("llama-3.1-8b", layers=1)],
+                   EngineProfile(engine="paged", attn_impl="eager", dtype="float32"), ["decode"])
+    case = next(c for c in coll.cases.values() if c.kind == "paged_attention")
+    seen = []
+    original = paged.engine_attention
+
+    def spy(*args, **kwargs):
+        seen.append((list(args[6]), list(args[7])))  # new, cached per sequence
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(paged, "engine_attention", spy)
+    for cls, cached in ((8, [20, 16, 16, 16]), (2, [16, 16, 16, 16]), (1, [17, 16, 16, 16])):
+        lowering.lower(case, {"N": 4, "P": 16, "A": cls}, "cpu").check()
+        new, got = seen[-1]
+        assert got == cached and key_class(sum(new) + sum(got)) == cls
