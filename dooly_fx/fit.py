@@ -155,17 +155,7 @@ class LatencyModel:
             i = min(max(bisect.bisect_right(axis, v) - 1, 0), len(axis) - 2)
             w = (v - axis[i]) / (axis[i + 1] - axis[i])
             return base * math.exp(table[i] * (1.0 - w) + table[i + 1] * w)
-        corners = [(0, 1.0)]  # (flat index into the table, weight)
-        for axis, v in zip(self._axes, u, strict=True):
-            size = len(axis)
-            if size == 1:
-                corners = [(k * size, wt) for k, wt in corners]
-                continue
-            i = min(max(bisect.bisect_right(axis, v) - 1, 0), size - 2)
-            w = (v - axis[i]) / (axis[i + 1] - axis[i])
-            corners = [c for k, wt in corners
-                       for c in ((k * size + i, wt * (1.0 - w)), (k * size + i + 1, wt * w))]
-        return base * math.exp(sum(table[k] * wt for k, wt in corners))
+        return base * math.exp(_multilinear(self._axes, table, u))
 
     def predict_many(self, X: np.ndarray, flops: np.ndarray, bytes_: np.ndarray) -> np.ndarray:
         """`predict` for each row of X (n, d) with its features (n,); returns (n,) ms."""
@@ -198,6 +188,23 @@ class LatencyModel:
                        for f, wt in corners for step in ((0, 1) if len(a) > 1 else (0,))]
         table = np.asarray(self.params["table"])
         return base * np.exp(sum(table[f] * wt for f, wt in corners))
+
+
+def _multilinear(axes: Sequence[Sequence[float]], table: Sequence[float],
+                 u: Sequence[float]) -> float:
+    """Multilinear interpolation of `table` (C order over the product grid of `axes`) at `u`,
+    each value already within its axis."""
+    corners = [(0, 1.0)]  # (flat index into the table, weight)
+    for axis, v in zip(axes, u, strict=True):
+        size = len(axis)
+        if size == 1:
+            corners = [(k * size, wt) for k, wt in corners]
+            continue
+        i = min(max(bisect.bisect_right(axis, v) - 1, 0), size - 2)
+        w = (v - axis[i]) / (axis[i + 1] - axis[i])
+        corners = [c for k, wt in corners
+                   for c in ((k * size + i, wt * (1.0 - w)), (k * size + i + 1, wt * w))]
+    return sum(table[k] * wt for k, wt in corners)
 
 
 # --- fitting -----------------------------------------------------------------------------------
@@ -403,27 +410,13 @@ def fit_key_classes(points: Sequence[tuple[Mapping, float]]) -> dict:
     return out
 
 
-def key_class_ratio(classes: Mapping, cls: int, queries: float, cached: float) -> float:
-    """Latency in key class `cls` over the aligned latency, from `fit_key_classes`' result
-    (1 for aligned keys or without it): bilinear in log q and log P, held at the edges."""
+def key_class_ratio(classes: Mapping, cls: int, point: Mapping) -> float:
+    """Latency in key class `cls` over the aligned latency at `point` (its query count and P),
+    from `fit_key_classes`' result (1 for aligned keys or without it): bilinear in log q and
+    log P, held at the edges of the measured grid."""
     if str(cls) not in classes:
         return 1.0
-    table = classes[str(cls)]
-    (qs, ps) = classes["axes"]
-
-    def locate(axis: list[float], v: float) -> tuple[int, float]:
-        if len(axis) == 1:
-            return 0, 0.0
-        u = [math.log(max(a, 1.0)) for a in axis]
-        x = min(max(math.log(max(v, 1.0)), u[0]), u[-1])
-        i = min(max(bisect.bisect_right(u, x) - 1, 0), len(u) - 2)
-        return i, (x - u[i]) / (u[i + 1] - u[i])
-
-    (i, wq), (j, wp) = locate(qs, queries), locate(ps, cached)
-    cols = len(ps)
-    log_ratio = 0.0
-    for di, w1 in ((0, 1 - wq), (1, wq)):
-        for dj, w2 in ((0, 1 - wp), (1, wp)):
-            if w1 and w2:
-                log_ratio += w1 * w2 * table[(i + di) * cols + j + dj]
-    return math.exp(log_ratio)
+    axes = [[math.log(max(v, 1.0)) for v in axis] for axis in classes["axes"]]
+    u = [min(max(math.log(max(v, 1.0)), axis[0]), axis[-1])
+         for v, axis in zip((_queries(point), float(point.get("P", 0))), axes, strict=True)]
+    return math.exp(_multilinear(axes, classes[str(cls)], u))

@@ -67,7 +67,7 @@ def keys_ratio(classes: dict, point: dict, keys: int | None = None) -> float:
     if not classes:
         return 1.0
     cls = key_class(step_keys(point) if keys is None else keys)
-    return key_class_ratio(classes, cls, point.get("T", point.get("N", 1)), point.get("P", 0))
+    return key_class_ratio(classes, cls, point)
 
 
 def _digest(rows: Sequence[tuple[dict, float]]) -> str:

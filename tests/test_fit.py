@@ -237,9 +237,10 @@ def test_key_class_ratios_are_recovered_from_points_measured_in_every_class():
     assert classes["axes"] == [[16, 128, 1024], [256, 4096]]
     assert classes["2"] == pytest.approx([np.log(1.25)] * 6)
     # log ratio linear in log q between the grid values: bilinear interpolation is exact
-    assert key_class_ratio(classes, 8, 100, 1000) == 1.0
-    assert key_class_ratio(classes, 1, 100, 1000) == pytest.approx(3.0 * 100 ** -0.2)
-    assert key_class_ratio(classes, 1, 1, 99999) == pytest.approx(3.0 * 16 ** -0.2)  # edges
-    assert key_class_ratio(classes, 2, 5000, 1) == pytest.approx(1.25)
+    assert key_class_ratio(classes, 8, {"T": 100, "P": 1000}) == 1.0
+    assert key_class_ratio(classes, 1, {"T": 100, "P": 1000}) == pytest.approx(3.0 * 100 ** -0.2)
+    edge = {"T": 1, "P": 99999}  # held at the measured edges
+    assert key_class_ratio(classes, 1, edge) == pytest.approx(3.0 * 16 ** -0.2)
+    assert key_class_ratio(classes, 2, {"T": 5000, "P": 1}) == pytest.approx(1.25)
     assert fit_key_classes([({"N": 4, "P": 256}, 1.0)]) == {}
-    assert key_class_ratio({}, 1, 100, 100) == 1.0
+    assert key_class_ratio({}, 1, {"T": 100, "P": 100}) == 1.0

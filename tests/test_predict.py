@@ -253,8 +253,9 @@ def test_paged_engine_profiles_the_engines_own_attention_and_predicts_flat_steps
 
     even = attention_ms([(1, 32), (1, 32), (4, 32)])
     odd = attention_ms([(1, 33), (1, 32), (4, 32)])
-    assert odd / even == pytest.approx(key_class_ratio(fit.key_classes, 1, 6, 32)
-                                       / key_class_ratio(fit.key_classes, 2, 6, 32))
+    at = {"T": 6, "N": 3, "P": 32}
+    assert odd / even == pytest.approx(key_class_ratio(fit.key_classes, 1, at)
+                                       / key_class_ratio(fit.key_classes, 2, at))
 
 
 def test_paged_sdpa_pays_the_attention_setup_once_per_new_shape(tmp_path):
