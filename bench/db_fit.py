@@ -30,6 +30,7 @@ import numpy as np
 import sklearn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from dooly_fx.costs import device_sms  # noqa: E402
 from dooly_fx.db import LatencyDB  # noqa: E402
 from dooly_fx.fit import METHODS, fit_unit  # noqa: E402
 from dooly_fx.hostinfo import cpu_name  # noqa: E402
@@ -49,7 +50,8 @@ def load(db: Path) -> tuple[dict, list[dict]]:
             sig = handle.signature(key)
             # the sweep grid: points remeasured in another key class (`A`) are not on it
             rows = [r for r in handle.ok_points(info["fingerprint"], key) if "A" not in r[0]]
-            X, flops, moved = features(sig["canonical"], [p for p, _ in rows])
+            X, flops, moved = features(sig["canonical"], [p for p, _ in rows],
+                                       device_sms(info))
             units.append({"key": key, "kind": sig["kind"], "names": unit_vars(sig["canonical"]),
                           "X": X, "flops": flops, "bytes": moved,
                           "y": np.array([y for _, y in rows])})

@@ -2,9 +2,12 @@
 # Step-level validation on the GPU machine (padded engine), into OUT_DIR:
 #   bash bench/validate_steps_gpu.sh OUT_DIR [STAGES]
 #   STAGES (default: record eager fit sdpa eager-steps): any of record, eager, fit, sdpa,
-#   eager-steps, fidelity. Each step and fidelity run writes its own JSON, and the log of each
-#   model goes to OUT_DIR as it runs, so a stage stopped by its time limit keeps what finished.
-#   STEP_SECONDS (default 150) limits each model's validate-steps run.
+#   eager-steps, fidelity, paged. Each step and fidelity run writes its own JSON, and the log of
+#   each model goes to OUT_DIR as it runs, so a stage stopped by its time limit keeps what
+#   finished. STEP_SECONDS (default 150) limits each model's validate-steps run.
+#   paged: validate-steps --engine paged (the continuous-batching engine's whole steps) for
+#   PAGED_MODELS (default: the models of bench/profile_paged_gpu.sh) with paged|sdpa and the
+#   PAGED_EAGER ones with paged|eager, against PAGED_DB (default: DB).
 # 1. record the validated models' units (with their token bindings) in h100.db: nothing to
 #    measure for sdpa, the profile is complete;
 # 2. profile the eager-attention units of EAGER models (every other unit is shared with sdpa);
@@ -53,5 +56,17 @@ if has fidelity; then  # re-predicts the measured steps (no re-timing) and adds 
             --fidelity "prefill:4x1024;decode:32x1024" \
             --json "$OUT_DIR/fidelity_${model}_sdpa.json" > "$OUT_DIR/log_${model}_fid.txt" 2>&1
         echo "$model fidelity: exit $?"; tail -1 "$OUT_DIR/log_${model}_fid.txt"
+    done
+fi
+if has paged; then
+    PAGED_DB=${PAGED_DB:-$DB}
+    for pair in ${PAGED_RUNS:-$(for m in ${PAGED_MODELS:-llama-3.2-1b llama-3.1-8b gemma-2-9b \
+            qwen2.5-7b llama-3.2-3b mistral-7b phi-3-mini qwen1.5-moe-a2.7b}; do echo "$m:sdpa";
+            done; for m in ${PAGED_EAGER:-llama-3.2-1b llama-3.1-8b}; do echo "$m:eager"; done)}; do
+        model=${pair%%:*}; attn=${pair##*:}
+        timeout "$LIMIT" python3 -m dooly_fx validate-steps "$model" --engine paged --attn "$attn" \
+            --db "$PAGED_DB" --device cuda --json "$OUT_DIR/steps_${model}_paged_${attn}.json" \
+            > "$OUT_DIR/log_${model}_paged_${attn}.txt" 2>&1
+        echo "$model paged|$attn: exit $?"; tail -2 "$OUT_DIR/log_${model}_paged_${attn}.txt"
     done
 fi

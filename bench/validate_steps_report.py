@@ -1,13 +1,15 @@
-"""Summarise step-level validation results: a table per model/attention and a scatter plot.
+"""Summarise step-level validation results: a table per model/engine and a scatter plot.
 
     python bench/validate_steps_report.py [--steps bench/results/steps] [--db FILE]
 
 Reads the `steps_*.json` files of `validate-steps --json` (each written on the GPU machine by
-`python -m dooly_fx validate-steps MODEL --db ... --device cuda --json FILE`, see
-bench/validate_steps_gpu.sh), and writes `bench/results/validate_steps.{json,md,png}`: per file
-the median and p90 absolute percentage error over its steps, how many steps were GPU- or
-host-bound by the prediction and how many were outside the profiled range; over all files the
-same; and measured vs predicted step time for every step. Where a fidelity run
+`python -m dooly_fx validate-steps MODEL --db ... --device cuda [--engine paged] --json FILE`,
+see bench/validate_steps_gpu.sh), and writes `bench/results/validate_steps.{json,md,png}`: per
+file the median and p90 absolute percentage error over its steps, how many steps were GPU- or
+host-bound by the prediction and how many were outside the profiled range (paged engine: also
+the first runs, at an attention shape new to the engine, against the prediction plus its
+per-shape setup); over each engine's files the same; and measured vs predicted step time for
+every step. Where a fidelity run
 (`validate-steps --measured FILE --fidelity SPECS`) sits beside a steps file, its per-unit rows
 (each leaf unit's prediction against the same module's kernel time inside the real step) are
 summarised per phase of the profiled step.
@@ -63,37 +65,54 @@ def main() -> None:
             "gpu_bound_median_ape": float(np.median([abs(s["error"]) for s in steps
                                                      if s["gpu_ms"] >= s["host_ms"]] or [np.nan])),
             "unit_fidelity_median_ape": fidelity,
+            "first_median_ape": report.get("first_median_ape"),
         })
     fidelity_all = {phase: _median_abs([u["error"] for u in fidelity_rows
                                         if u["step"].startswith(phase)])
                     for phase in ("prefill", "decode", "")}
-    all_errors = np.abs([s["error"] for _, _, s in everything])
-    summary = {"files": rows, "steps": len(everything),
-               "median_ape": float(np.median(all_errors)),
-               "p90_ape": float(np.percentile(all_errors, 90)),
+    by_engine = {}
+    for kind in sorted({e.split("|")[0] for _, e, _ in everything}):
+        steps = [s for _, e, s in everything if e.split("|")[0] == kind]
+        errors = np.abs([s["error"] for s in steps])
+        gpu = np.abs([s["error"] for s in steps if s["gpu_ms"] >= s["host_ms"]])
+        by_engine[kind] = {"steps": len(errors), "median_ape": float(np.median(errors)),
+                           "p90_ape": float(np.percentile(errors, 90)),
+                           "gpu_bound_steps": len(gpu),
+                           "gpu_bound_median_ape": float(np.median(gpu)),
+                           "gpu_bound_p90_ape": float(np.percentile(gpu, 90))}
+    summary = {"files": rows, "by_engine": by_engine,
                "unit_fidelity": {"units": len(fidelity_rows),
                                  "median_ape": fidelity_all[""],
                                  "prefill_median_ape": fidelity_all["prefill"],
                                  "decode_median_ape": fidelity_all["decode"]},
                "command": " ".join(["python", *sys.argv])}
     args.out.write_text(json.dumps(summary, indent=1) + "\n")
-    lines = ["# Step-level validation (padded engine, real forward steps vs prediction)", "",
+    lines = ["# Step-level validation (real engine steps vs prediction)", "",
              f"- summarised by: `{summary['command']}` from `{args.steps}/*.json`"
              + (f"; predictions replayed from those measurements with `{args.db}` "
                 f"(`validate-steps MODEL --measured FILE --db DB`, files in "
                 f"`{args.steps}/replayed/`)" if args.db else ""),
              "- each file: `python -m dooly_fx validate-steps MODEL --db h100.db --device cuda "
-             "[--attn eager] --json FILE` on the GPU named in it (`measured_on`)", "",
+             "[--engine paged] [--attn eager] --json FILE` on the GPU named in it "
+             "(`measured_on`); padded: the model's forward (equal-length sequences); paged: "
+             "the continuous-batching engine's whole step (batch preparation, forward, "
+             "sampling), sequences of different lengths in one step", "",
              "| model | engine | steps | median APE | p90 APE | GPU-bound median APE | "
-             "host-bound steps | outside profiled range | unit fidelity prefill / decode |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "host-bound steps | outside profiled range | unit fidelity prefill / decode | "
+             "first run (new shape) median APE |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         engine = r["engine"].replace("|", "\\|")
+        first = "" if r["first_median_ape"] is None else f"{r['first_median_ape']:.1%}"
         lines.append(f"| {r['model']} | {engine} | {r['steps']} | {r['median_ape']:.1%} | "
                      f"{r['p90_ape']:.1%} | {r['gpu_bound_median_ape']:.1%} | "
-                     f"{r['host_bound']} | {r['extrapolated']} | {_fidelity(r)} |")
-    lines += ["", f"All {summary['steps']} steps: median APE {summary['median_ape']:.1%}, "
-              f"p90 APE {summary['p90_ape']:.1%}."]
+                     f"{r['host_bound']} | {r['extrapolated']} | {_fidelity(r)} | {first} |")
+    lines.append("")
+    for kind, e in by_engine.items():
+        lines.append(f"All {e['steps']} {kind}-engine steps: median APE {e['median_ape']:.1%}, "
+                     f"p90 APE {e['p90_ape']:.1%}; the {e['gpu_bound_steps']} GPU-bound ones "
+                     f"(predicted GPU time >= host time): median {e['gpu_bound_median_ape']:.1%}, "
+                     f"p90 {e['gpu_bound_p90_ape']:.1%}.")
     if fidelity_rows:
         lines += ["", "Unit fidelity (`--fidelity \"prefill:4x1024;decode:32x1024\"`: each "
                   "leaf unit's predicted GPU time against its module's kernel time inside the "
@@ -110,12 +129,13 @@ def main() -> None:
 def _replay(path: Path, db: Path, out: Path) -> Path:
     """`path`'s measured steps predicted again from `db`; returns the new JSON."""
     report = json.loads(path.read_text())
-    _, attn, _, *kernels = report["engine"].split("|")
+    kind, attn, _, *kernels = report["engine"].split("|")
     out.mkdir(parents=True, exist_ok=True)
     target = out / path.name
     command = [sys.executable, "-m", "dooly_fx", "validate-steps", report["model"], "--db",
-               str(db), "--attn", attn, "--kernels", kernels[0] if kernels else "eager",
-               "--device", "cuda", "--measured", str(path), "--json", str(target)]
+               str(db), "--engine", kind, "--attn", attn, "--kernels",
+               kernels[0] if kernels else "eager", "--device", "cuda", "--measured", str(path),
+               "--json", str(target)]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode:
         sys.exit(f"{path}: replay failed: {done.stderr.strip()}")
@@ -143,9 +163,11 @@ def _plot(everything, path: Path) -> None:
         pts = [(s["median_ms"], s["predicted_ms"]) for m, e, s in everything
                if (m, e) == (model, engine)]
         x, y = zip(*pts, strict=True)
+        kind, attn = engine.split("|")[:2]
         ax.scatter(x, y, s=14, color=f"C{i % 10}",
-                   marker="o" if "sdpa" in engine else "^",
-                   label=f"{model} ({engine.split('|')[1]})")
+                   marker={"padded": "o", "paged": "s"}[kind] if attn == "sdpa" else
+                   {"padded": "^", "paged": "D"}[kind],
+                   label=f"{model} ({kind}|{attn})")
     lo = min(min(s["median_ms"], s["predicted_ms"]) for _, _, s in everything)
     hi = max(max(s["median_ms"], s["predicted_ms"]) for _, _, s in everything)
     ax.plot([lo, hi], [lo, hi], color="black", linewidth=0.8)

@@ -46,6 +46,17 @@ def model_name(db: LatencyDB, ref: str) -> str:
         return ref  # not a model anywhere: `load` says what the DB has
 
 
+def model_spec(ref: str, name: str, config: dict, source: str):
+    """The model to build for a measurement: `ref` resolved (zoo, config, HF cache), else the
+    config the DB recorded for it under `name` (`source` says where it came from)."""
+    from dooly_fx.spec import resolve_model, spec_from_config
+
+    try:
+        return resolve_model(ref)
+    except UserError:
+        return spec_from_config(name, config, source)
+
+
 def _engine(args: argparse.Namespace) -> EngineProfile:
     return EngineProfile(engine=args.engine, attn_impl=args.attn, dtype=args.dtype,
                          kernels=args.kernels)
@@ -132,8 +143,13 @@ def cmd_predict(args: argparse.Namespace) -> None:
                       f"{u.count * u.gpu_ms / step.gpu_ms:.1%}" if step.gpu_ms else "-")
     out.print(table)
     bound = "GPU" if step.gpu_ms >= step.host_ms else "host"
-    out.print(f"total {step.total_ms:.3f} ms ({bound}-bound: GPU {step.gpu_ms:.3f} ms, host "
-              f"{step.host_ms:.3f} ms)")
+    engine = f"engine batch preparation {step.prepare_ms:.3f} ms, then " \
+        if step.prepare_ms else ""
+    out.print(f"total {step.total_ms:.3f} ms ({engine}{bound}-bound forward: GPU "
+              f"{step.gpu_ms:.3f} ms, host {step.host_ms:.3f} ms)")
+    if step.setup_ms:
+        out.print(f"a step at an attention shape new to the engine also pays "
+                  f"{step.setup_ms:.3f} ms of per-shape setup")
     if args.json:
         write_json(args.json, {"model": name, "environment": env["fingerprint"],
                                "device": env["device"], "batch": batch, **step.to_json()})
@@ -152,24 +168,35 @@ def cmd_validate_steps(args: argparse.Namespace) -> None:
     from dooly_fx.fused import profiled_kinds
     from dooly_fx.hostinfo import machine
     from dooly_fx.predict import load
-    from dooly_fx.spec import resolve_model
-    from dooly_fx.validate import STANDARD_STEPS, MeasuredStep, compare, measure_steps
+    from dooly_fx.validate import (
+        PAGED_STEPS,
+        STANDARD_STEPS,
+        MeasuredStep,
+        compare,
+        measure_steps,
+    )
 
-    spec = resolve_model(args.model)
     engine = _engine(args)
     with LatencyDB.open(args.db, create=False) as db:
         env = _environment(db, args.device)
-        loaded = load(db, spec.name, env["fingerprint"], engine.label)
+        name = model_name(db, args.model)
+        loaded = load(db, name, env["fingerprint"], engine.label)
+    if args.fidelity and engine.engine != "padded":
+        raise UserError("--fidelity profiles the padded engine's forward; use it without "
+                        "--engine paged")
+    if args.fidelity or not args.measured:
+        spec = model_spec(args.model, name, loaded.config, f"{args.db}: {name}")
     if args.measured:
         try:
             old = json.loads(Path(args.measured).read_text())
-            measured = [MeasuredStep(**{k: s[k] for k in MeasuredStep.__dataclass_fields__})
-                        for s in old["steps"]]
+            measured = [MeasuredStep(**{k: s[k] for k in MeasuredStep.__dataclass_fields__
+                                        if k in s}) for s in old["steps"]]
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise UserError(f"{args.measured}: not a validate-steps JSON ({exc})") from None
         measured_on = old.get("measured_on")
     else:
-        steps = args.steps.split(";") if args.steps else list(STANDARD_STEPS)
+        steps = args.steps.split(";") if args.steps else \
+            list(PAGED_STEPS if engine.engine == "paged" else STANDARD_STEPS)
         device = "cuda" if args.device == "cuda" else "cpu"
         with progress() as bar:
             task = bar.add_task(f"steps · {spec.name}", total=len(steps))
@@ -194,21 +221,36 @@ def cmd_validate_steps(args: argparse.Namespace) -> None:
                       "units")
     elif args.measured and "fidelity" in old:
         report["fidelity"] = old["fidelity"]
-    table = Table(title=f"validate-steps · {spec.name} · {engine.label} · {env['device']}")
-    for col in ("step", "phase", "measured ms", "predicted ms", "GPU ms", "host ms", "error"):
+    paged = engine.engine == "paged"
+    table = Table(title=f"validate-steps · {name} · {engine.label} · {env['device']}")
+    columns = ["step", "phase", "measured ms", "predicted ms", "GPU ms", "host ms", "error"]
+    if paged:  # the engine's batch preparation, and the first run at a new shape
+        columns[4:4] = ["prepare ms"]
+        columns += ["first run ms", "+ setup ms", "first error"]
+    for col in columns:
         table.add_column(col, justify="left" if col in ("step", "phase") else "right")
     for row in report["steps"]:
         if row["skipped"]:
             table.add_row(row["spec"], "-", "-", "-", "-", "-", row["skipped"])
             continue
         flag = " *" if row["extrapolated"] else ""
-        table.add_row(row["spec"], row["phase"], f"{row['median_ms']:.3f}",
-                      f"{row['predicted_ms']:.3f}", f"{row['gpu_ms']:.3f}",
-                      f"{row['host_ms']:.3f}", f"{row['error']:+.1%}{flag}")
+        cells = [row["spec"], row["phase"], f"{row['median_ms']:.3f}",
+                 f"{row['predicted_ms']:.3f}", f"{row['gpu_ms']:.3f}", f"{row['host_ms']:.3f}",
+                 f"{row['error']:+.1%}{flag}"]
+        if paged:
+            cells[4:4] = [f"{row.get('prepare_ms', 0.0):.3f}"]
+            first = row.get("first_ms")
+            cells += ["-" if first is None else f"{first:.3f}",
+                      f"{row.get('setup_ms', 0.0):.3f}",
+                      f"{row['first_error']:+.1%}" if "first_error" in row else "-"]
+        table.add_row(*cells)
     out.print(table)
     if report["median_ape"] is not None:
         out.print(f"median APE {report['median_ape']:.1%} · p90 APE {report['p90_ape']:.1%}"
                   " (* = outside the profiled range)")
+    if "first_median_ape" in report:
+        out.print(f"first runs (a new attention shape, prediction + per-shape setup): median "
+                  f"APE {report['first_median_ape']:.1%}")
     if args.json:
         write_json(args.json, report)
 

@@ -273,10 +273,9 @@ def cmd_validate_serving(args: argparse.Namespace) -> None:
         python -m dooly_fx validate-serving qwen2.5-7b --attn eager --qps 4 --num-requests 100
         python -m dooly_fx validate-serving llama-3.2-1b --measured serve.json --db h100.db
     """
-    from dooly_fx.cli_latency import _environment, model_name
+    from dooly_fx.cli_latency import _environment, model_name, model_spec
     from dooly_fx.engine import EngineProfile
     from dooly_fx.predict import FlatStepTime
-    from dooly_fx.spec import resolve_model, spec_from_config
     from dooly_fx.validate_serving import Served, compare, serve
 
     with _open_db(args.db) as db:
@@ -294,10 +293,7 @@ def cmd_validate_serving(args: argparse.Namespace) -> None:
         if args.trace is None and args.qps is None:
             raise UserError("give a workload: --trace CSV or --qps X (or --measured FILE)")
         reqs, workload = _serving_workload(args)
-        try:
-            spec = resolve_model(args.model)
-        except UserError:
-            spec = spec_from_config(name, loaded.config, f"{args.db or SHIPPED_DB}: {name}")
+        spec = model_spec(args.model, name, loaded.config, f"{args.db or SHIPPED_DB}: {name}")
         engine = EngineProfile(engine="paged", attn_impl=args.attn, dtype=args.dtype)
         device = "cuda" if args.device == "cuda" else "cpu"
         with progress() as bar:

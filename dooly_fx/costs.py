@@ -36,6 +36,13 @@ register_extra_bytes = registrar(EXTRA_BYTES, "extra bytes formula")
 tensors (memory it reads that is not an argument, e.g. a KV cache)."""
 
 
+SCHEDULES: dict[str, Callable[[list[Tensor], dict, Point, int], float]] = {}
+register_schedule = registrar(SCHEDULES, "schedule formula")
+"""`@register_schedule(kind, ...)`: for a unit kind whose kernel runs in whole waves of
+thread blocks, the factor by which its launch grid, rounded up to whole waves over the
+device's `sms` multiprocessors, exceeds the work it has (>= 1)."""
+
+
 _FUNCTIONS = {"floor": sympy.floor, "ceiling": sympy.ceiling, "Max": sympy.Max,
               "Min": sympy.Min, "Mod": sympy.Mod}
 
@@ -78,9 +85,11 @@ def tensors(descs: list, point: Point) -> list[Tensor]:
             if dtype != "symint"]
 
 
-def cost(canonical: dict, point: Point) -> tuple[float, float]:
+def cost(canonical: dict, point: Point, sms: int | None = None) -> tuple[float, float]:
     """(FLOPs, bytes) of one call of the unit at `point`; bytes count every input and output
-    tensor once (what a roofline-bound kernel must move)."""
+    tensor once (what a roofline-bound kernel must move). Given the device's multiprocessor
+    count `sms`, a kind with a schedule formula counts the FLOPs its launch grid occupies the
+    device for, whole waves of thread blocks (`SCHEDULES`)."""
     ins, outs = tensors(canonical.get("inputs", []), point), \
         tensors(canonical.get("outputs", []), point)
     moved = sum(math.prod(shape) * itemsize(dtype) for dtype, shape in [*ins, *outs])
@@ -88,6 +97,8 @@ def cost(canonical: dict, point: Point) -> tuple[float, float]:
     if kind in EXTRA_BYTES:
         moved += EXTRA_BYTES[kind](ins, outs, canonical, point)
     flops = FLOPS.get(kind, _elementwise)(ins, outs, canonical, point)
+    if sms and kind in SCHEDULES:
+        flops *= SCHEDULES[kind](ins, canonical, point, sms)
     return float(flops), float(moved)
 
 
@@ -152,6 +163,50 @@ def _paged_attention(ins: list[Tensor], outs: list[Tensor], canonical: dict,
     the step against all of its keys in one call, the mask removing other sequences' keys only
     after the work is done."""
     return 4.0 * math.prod(ins[0][1]) * step_keys(point) if ins else 0.0
+
+
+ATTENTION_QUERY_TILE = 128
+"""Query rows per thread block of the fused attention kernel `paged|sdpa` reaches on the GPU
+(cuDNN's flash forward on Hopper, head dims 64 and 128)."""
+
+
+def scheduled_queries(tokens: int, heads: int, sms: int,
+                      tile: int = ATTENTION_QUERY_TILE) -> float:
+    """The query rows a fused attention call over `tokens` queries and `heads` heads occupies
+    the device for: one thread block per (tile of queries, head), run in whole waves of `sms`
+    blocks, so every wave costs as much as `sms · tile / heads` rows. On an H100 (132 SMs)
+    with 32 heads, 512 queries fill one wave and 544 two, which cost as much as 1024; the
+    measured latency steps where the waves do (`bench/results/attention_waves.md`)."""
+    waves = math.ceil(math.ceil(tokens / tile) * heads / sms)
+    return waves * sms * tile / heads
+
+
+@register_schedule("paged_attention")
+def _paged_attention_schedule(ins: list[Tensor], canonical: dict, point: Point,
+                              sms: int) -> float:
+    """`paged|sdpa` runs one fused kernel over the step's T queries (`scheduled_queries`);
+    `paged|eager`'s matmuls and softmax have no such schedule here (factor 1)."""
+    if not ins or canonical.get("scalars", [[]])[-1][-1:] != ["sdpa"]:
+        return 1.0
+    tokens, heads, _ = ins[0][1]
+    return scheduled_queries(tokens, heads, sms) / max(tokens, 1)
+
+
+DEVICE_SMS = {"H100 80GB HBM3": 132, "H100 SXM": 132, "H100 PCIe": 114, "H100 NVL": 132,
+              "H200": 132, "A100": 108, "L40S": 142, "L4": 58}
+"""Multiprocessors of GPUs by (part of) their name, for environments recorded without their
+own count (`device_sms`)."""
+
+
+def device_sms(info: dict) -> int | None:
+    """The multiprocessor count of an environment: as recorded (`sms`), else by its device
+    name (`DEVICE_SMS`); None for a CPU or an unknown GPU (no wave rounding then)."""
+    if info.get("device_type") != "cuda":
+        return None
+    if info.get("sms"):
+        return int(info["sms"])
+    name = str(info.get("device", ""))
+    return next((n for part, n in DEVICE_SMS.items() if part in name), None)
 
 
 @register_extra_bytes("paged_attention")

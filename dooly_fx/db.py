@@ -123,11 +123,18 @@ class Timing:
     host_ms: float | None = None
 
 
+DESCRIPTIVE_INFO = ("sms",)
+"""Environment info that follows from the rest (the device's multiprocessor count), left out
+of the fingerprint so that environments recorded before it was noted keep theirs."""
+
+
 def fingerprint(info: dict) -> str:
-    """An environment's fingerprint: SHA-256 of its info dict's canonical JSON."""
+    """An environment's fingerprint: SHA-256 of its info dict's canonical JSON (less
+    `DESCRIPTIVE_INFO`)."""
     import hashlib
 
-    text = json.dumps(info, sort_keys=True, separators=(",", ":"))
+    text = json.dumps({k: v for k, v in info.items() if k not in DESCRIPTIVE_INFO},
+                      sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
 
 

@@ -65,9 +65,13 @@ def batch_cache(config, dtype: torch.dtype, device: str, new: list[int], cached:
 
     blocks = [blocks_for(q + c, block_size) for q, c in zip(new, cached, strict=True)]
     groups = len(group_layers_by_attn_type(config)[0])
+    # The token budget, a whole number of blocks: the I/O's mask buffers are (budget, cache
+    # pages + budget), and the engine's budget (8192 by default) keeps their rows aligned;
+    # an odd one would make every step's attention read a misaligned mask.
+    budget = blocks_for(max(sum(new), 1), block_size) * block_size
     cb = resolve_continuous_batching_config(config, ContinuousBatchingConfig(
         block_size=block_size, num_blocks=groups * sum(blocks) + 1,
-        max_batch_tokens=max(sum(new), 1), max_requests_per_batch=len(new),
+        max_batch_tokens=budget, max_requests_per_batch=len(new),
         max_blocks_per_request=0, use_cuda_graph=False, use_async_batching=False,
         allow_block_sharing=False), None, False)
     with cache_memory(2**50):
@@ -303,21 +307,9 @@ def engine_prepare_canonical(config, dtype: str, attn_impl: str) -> dict:
 
 def engine_prepare(canonical: dict, device: str, new: list[int], cached: list[int]):
     """`fn()` runs continuous batching's per-step preparation for `(new, cached)` per sequence
-    and returns the forward's keyword arguments, as `ContinuousBatchProcessor.
-    prepare_next_batch` does between forwards: the FIFO scheduler picks the batch from its
-    active requests (token budget, block checks, request states), then `ContinuousBatchingIOs.
-    prepare_batch_tensors` builds input ids, positions, cumulative lengths, the cache's
-    read/write indices and one attention mask per layer group, all copied to the device, and
-    `get_model_kwargs` hands them over. Transformers' own scheduler, cache and I/O objects,
-    sized for the batch; requests with one new token are decoding, the others (chunked)
-    prefilling."""
-    from transformers import LlamaConfig, LogitsProcessorList
-    from transformers.generation.continuous_batching.cb_logits_processors import (
-        ContinuousBatchingLogitsProcessorList,
-    )
-    from transformers.generation.continuous_batching.input_outputs import ContinuousBatchingIOs
-    from transformers.generation.continuous_batching.requests import RequestState, RequestStatus
-    from transformers.generation.continuous_batching.scheduler import FIFOScheduler
+    and returns the forward's keyword arguments (`EngineBatch.prepare`), on the engine's
+    objects for a model shaped as `canonical` says (an `engine_prepare_canonical`)."""
+    from transformers import LlamaConfig
 
     types, window, block_size, dtype, attn = canonical["scalars"][0]
     # One layer per group type: groups, not layers, shape the work.
@@ -325,34 +317,83 @@ def engine_prepare(canonical: dict, device: str, new: list[int], cached: list[in
                          num_key_value_heads=1, head_dim=8, hidden_size=8, vocab_size=16,
                          sliding_window=window, layer_types=list(types))
     config._attn_implementation = attn  # decides whether the I/O builds attention masks
-    torch_dtype = getattr(torch, dtype)
-    cache, cb = batch_cache(config, torch_dtype, device, new, cached, block_size)
-    processors = ContinuousBatchingLogitsProcessorList(LogitsProcessorList())
-    io = ContinuousBatchingIOs(cache, config, cb, torch.device(device), torch_dtype, processors)
-    # No safety margin: the cache is sized for this batch, so it has no free blocks to keep.
-    scheduler = FIFOScheduler(cache, 0.0, len(new))
-    requests = []
-    for i, (q, c) in enumerate(zip(new, cached, strict=True)):
-        state = RequestState(request_id=f"r{i}", initial_tokens=[1] * (q + c))
-        state.allocated_blocks = blocks_for(q + c, block_size)  # as batch_cache did
-        decoding = q == 1 and c > 0
-        requests.append((state, c, [1] * q, RequestStatus.DECODING if decoding
-                         else RequestStatus.PREFILLING))
-        scheduler.active_requests[state.request_id] = state
-    tokens = sum(new)
+    return EngineBatch(config, getattr(torch, dtype), device, new, cached, block_size).prepare
 
-    def fn() -> None:
-        for state, c, todo, status in requests:  # back to where this step begins
+
+class EngineBatch:
+    """One continuous-batching step of `config`'s model for `(new, cached)` tokens per
+    sequence, on transformers' own scheduler, cache and I/O objects sized for the batch
+    (`batch_cache`); requests with one new token over a cache are decoding, the others
+    (chunked) prefilling. `config._attn_implementation` is the engine's (`paged|sdpa`,
+    `paged|eager`): it decides whether the I/O builds attention masks.
+
+    `prepare()` is what `ContinuousBatchProcessor.prepare_next_batch` does between forwards:
+    the FIFO scheduler picks the batch from its active requests (token budget, block checks,
+    request states), `ContinuousBatchingIOs.prepare_batch_tensors` builds input ids,
+    positions, cumulative lengths, the cache's read/write indices and one attention mask per
+    layer group, all copied to the device, and `get_model_kwargs` hands them over. `step(model)`
+    is a whole engine step: `prepare()`, then the engine's `ModelRunner` (forward, logits,
+    greedy sampling) and the wait for its outputs. Both can run again and again: each call
+    puts the requests back where the step begins."""
+
+    def __init__(self, config, dtype: torch.dtype, device: str, new: list[int],
+                 cached: list[int], block_size: int = ENGINE_BLOCK_SIZE,
+                 tokens: list[list[int]] | None = None) -> None:
+        """`tokens`: each sequence's token ids, cached then new (default: all 1)."""
+        from transformers import LogitsProcessorList
+        from transformers.generation.continuous_batching.cb_logits_processors import (
+            ContinuousBatchingLogitsProcessorList,
+        )
+        from transformers.generation.continuous_batching.input_outputs import (
+            ContinuousBatchingIOs,
+        )
+        from transformers.generation.continuous_batching.requests import (
+            RequestState,
+            RequestStatus,
+        )
+        from transformers.generation.continuous_batching.scheduler import FIFOScheduler
+
+        self.cache, self.cb = batch_cache(config, dtype, device, new, cached, block_size)
+        self.processors = ContinuousBatchingLogitsProcessorList(LogitsProcessorList())
+        self.io = ContinuousBatchingIOs(self.cache, config, self.cb, torch.device(device), dtype,
+                                        self.processors)
+        # No safety margin: the cache is sized for this batch, so it has no free blocks to keep.
+        self.scheduler = FIFOScheduler(self.cache, 0.0, len(new))
+        self._requests = []
+        for i, (q, c) in enumerate(zip(new, cached, strict=True)):
+            ids = tokens[i] if tokens else [1] * (q + c)
+            state = RequestState(request_id=f"r{i}", initial_tokens=ids)
+            state.allocated_blocks = blocks_for(q + c, block_size)  # as batch_cache did
+            decoding = q == 1 and c > 0
+            self._requests.append((state, c, ids[c:], RequestStatus.DECODING if decoding
+                                   else RequestStatus.PREFILLING))
+            self.scheduler.active_requests[state.request_id] = state
+        self._decoding = RequestStatus.DECODING
+        self.tokens = sum(new)
+        self._runner = None
+
+    def prepare(self) -> dict:
+        for state, c, todo, status in self._requests:  # back to where this step begins
             state.status, state.position_offset = status, c
-            if status == RequestStatus.DECODING:
+            if status == self._decoding:
                 state.tokens_to_process, state.remaining_prefill_tokens = todo, []
             else:
                 state.tokens_to_process, state.remaining_prefill_tokens = [], todo
-        batch, fast_path, q_tokens, kv_read = scheduler.schedule_batch(tokens, cache.num_pages)
-        if batch is None or len(batch) != len(requests) or q_tokens != tokens:
+        batch, fast_path, q_tokens, kv_read = self.scheduler.schedule_batch(
+            self.tokens, self.cache.num_pages)
+        if batch is None or len(batch) != len(self._requests) or q_tokens != self.tokens:
             raise RuntimeError(f"the scheduler took {0 if batch is None else len(batch)} of "
-                               f"{len(requests)} sequences ({q_tokens} of {tokens} tokens)")
-        io.prepare_batch_tensors(batch, processors, fast_path, q_tokens, kv_read, False)
-        return io.get_model_kwargs()
+                               f"{len(self._requests)} sequences ({q_tokens} of {self.tokens} "
+                               "tokens)")
+        self.io.prepare_batch_tensors(batch, self.processors, fast_path, q_tokens, kv_read,
+                                      False)
+        return self.io.get_model_kwargs()
 
-    return fn
+    def step(self, model) -> None:
+        if self._runner is None:
+            from transformers.generation.continuous_batching.model_runner import ModelRunner
+
+            self._runner = ModelRunner(self.processors, self.cb, self.io, self.cache,
+                                       do_sample=False, return_logprobs=False)
+        self._runner.compute_batch(model, self.prepare())
+        self.io.retrieve_device_outputs()

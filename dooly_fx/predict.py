@@ -13,7 +13,10 @@ recorded binding (`{"m": "B*S"}`, or `{"m": "B"}` for an LM head that keeps one 
 Host and device overlap: transformers issues kernels asynchronously, so a step whose kernels
 take longer on the GPU than the host needs to issue them is GPU-bound, and one whose Python and
 dispatch cost dominate is host-bound. Layers repeat, so after the first the issue queue is in
-a steady state and the step takes max(Σ host, Σ GPU) (see docs/predict.md).
+a steady state and the step takes max(Σ host, Σ GPU) (see docs/predict.md). The paged engine
+prepares each batch on the host before its forward (`engine_prepare`), which adds to that, and
+a step whose attention shape is new to it also pays the attention's per-shape setup
+(`shape_build`, `Step.setup_ms`).
 """
 
 from __future__ import annotations
@@ -26,14 +29,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from dooly_fx.costs import cost, dim_value, key_class, step_keys
+from dooly_fx.costs import cost, device_sms, dim_value, key_class, step_keys
 from dooly_fx.db import LatencyDB
 from dooly_fx.errors import UserError
 from dooly_fx.fit import LatencyModel, fit_key_classes, fit_unit, key_class_ratio
 from dooly_fx.names import ENGINE_PREPARE_ROLE, SHAPE_BUILD_SUFFIX
 from dooly_fx.sweep import request_vars
 
-FIT_VERSION = 4
+FIT_VERSION = 5
 """Bumped when the fitting changes, so stale fits are redone."""
 DEFAULT_SKEW = 0.0
 """MoE routing skew assumed when predicting (0: every expert gets the same share)."""
@@ -51,13 +54,15 @@ def unit_vars(canonical: dict) -> list[str]:
     return [*names, "skew"] if canonical.get("kind") == "moe_experts" else names
 
 
-def features(canonical: dict, points: Sequence[dict]) -> tuple[np.ndarray, np.ndarray,
-                                                                np.ndarray]:
-    """(X, FLOPs, bytes) of a unit at its points: X is (n, d) over `unit_vars(canonical)`."""
+def features(canonical: dict, points: Sequence[dict], sms: int | None = None
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(X, FLOPs, bytes) of a unit at its points: X is (n, d) over `unit_vars(canonical)`;
+    FLOPs as the kernels occupy a device of `sms` multiprocessors (`costs.cost`)."""
     names = unit_vars(canonical)
     X = np.array([[float(p.get(n, 0.0)) for n in names] for p in points]).reshape(len(points),
                                                                                    len(names))
-    fb = np.array([cost(canonical, p) for p in points], dtype=float).reshape(len(points), 2)
+    fb = np.array([cost(canonical, p, sms) for p in points],
+                  dtype=float).reshape(len(points), 2)
     return X, fb[:, 0], fb[:, 1]
 
 
@@ -88,6 +93,7 @@ def fit_db(db: LatencyDB, env: str, on_unit: Callable[[], None] | None = None) -
     points or the fitting changed since); store each with its held-out error. Idempotent."""
     started = time.perf_counter()
     existing = db.fits(env)
+    sms = environment_sms(db, env)
     keys = [r[0] for r in db.conn.execute(
         "SELECT DISTINCT signature FROM points WHERE env = ? AND status = 'ok' "
         "ORDER BY signature", (env,))]
@@ -97,7 +103,7 @@ def fit_db(db: LatencyDB, env: str, on_unit: Callable[[], None] | None = None) -
         host = [r[0] for r in db.conn.execute(
             "SELECT host_ms FROM points WHERE env = ? AND signature = ? AND status = 'ok' "
             "AND host_ms IS NOT NULL", (env, key))]
-        digest = _digest(points)
+        digest = _digest([sms, points])
         if existing.get(key, {}).get("points_digest") == digest:
             summary.unchanged += 1
         else:
@@ -105,12 +111,12 @@ def fit_db(db: LatencyDB, env: str, on_unit: Callable[[], None] | None = None) -
             classes = fit_key_classes(points)
             # The grid, each point brought to aligned keys: the model is of aligned latency.
             grid = [(p, ms / keys_ratio(classes, p)) for p, ms in points if "A" not in p]
-            X, flops, moved = features(sig["canonical"], [p for p, _ in grid])
+            X, flops, moved = features(sig["canonical"], [p for p, _ in grid], sms)
             model = fit_unit(sig["kind"], unit_vars(sig["canonical"]), X, flops, moved,
                              np.array([ms for _, ms in grid]))
             payload = {"gpu": model.to_json(),
                        "host_ms": float(np.median(host)) if host else 0.0,
-                       "key_classes": classes}
+                       "key_classes": classes, "fit_version": FIT_VERSION}
             rows.append((key, model.method, payload, model.cv_mape, len(points), digest))
             summary.fitted.append({"signature": key, "kind": sig["kind"],
                                    "method": model.method, "cv_mape": model.cv_mape,
@@ -121,6 +127,11 @@ def fit_db(db: LatencyDB, env: str, on_unit: Callable[[], None] | None = None) -
         db.save_fits(env, rows)
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def environment_sms(db: LatencyDB, env: str) -> int | None:
+    """The multiprocessor count of a DB's environment (`costs.device_sms`)."""
+    return next((device_sms(e) for e in db.environments() if e["fingerprint"] == env), None)
 
 
 # --- load ----------------------------------------------------------------------------------------
@@ -147,6 +158,9 @@ class UnitFit:
     key_classes: dict = field(default_factory=dict)
     """Paged attention: the fitted cost of keys not a multiple of 8 (`fit.fit_key_classes`);
     `gpu` models the aligned latency."""
+    sms: int | None = None
+    """Multiprocessors of the environment's device (the FLOPs are counted as its kernels
+    occupy it, `costs.cost`)."""
 
 
 @dataclass
@@ -197,6 +211,7 @@ def load(db: LatencyDB, model: str, env: str, engine: str) -> Loaded:
         into.setdefault((r["phase"], r["regime"]), []).append(
             Use(r["role"], r["signature"], r["count"], r["binding"]))
     stored = db.fits(env)
+    sms = environment_sms(db, env)
     fits, missing = {}, []
     for key in sorted({r["signature"] for r in rows}):
         if key not in stored:
@@ -204,9 +219,12 @@ def load(db: LatencyDB, model: str, env: str, engine: str) -> Loaded:
             continue
         sig = db.signature(key)
         model_json = stored[key]["model"]
+        if model_json.get("fit_version") != FIT_VERSION:
+            raise UserError(f"{model}: the DB's latency models were fitted by an older version "
+                            "of dooly_fx; run `python -m dooly_fx fit --db FILE` on it")
         fits[key] = UnitFit(sig["kind"], sig["canonical"], unit_vars(sig["canonical"]),
                             LatencyModel.from_json(model_json["gpu"]), model_json["host_ms"],
-                            stored[key]["cv_mape"], model_json.get("key_classes", {}))
+                            stored[key]["cv_mape"], model_json.get("key_classes", {}), sms)
     return Loaded(model, engine, env, config, uses, fits, missing, builds, engine_units)
 
 
@@ -234,15 +252,23 @@ class Step:
     units: list[UnitStep]
     gpu_ms: float
     host_ms: float
+    prepare_ms: float = 0.0
+    """The engine's own batch preparation before the forward (paged engine: `engine_prepare`;
+    serial with the forward)."""
+    setup_ms: float = 0.0
+    """What a step whose attention shape is new to the engine pays on top (paged engine:
+    `shape_build`, e.g. cuDNN graph builds); not in `total_ms`."""
 
     @property
     def total_ms(self) -> float:
-        """Host issue and GPU execution overlap: the slower of the two streams."""
-        return max(self.gpu_ms, self.host_ms)
+        """The engine's batch preparation, then the forward, where host issue and GPU
+        execution overlap: the slower of the two streams."""
+        return self.prepare_ms + max(self.gpu_ms, self.host_ms)
 
     def to_json(self) -> dict:
         return {"phase": self.phase, "regime": self.regime, "values": self.values,
                 "total_ms": self.total_ms, "gpu_ms": self.gpu_ms, "host_ms": self.host_ms,
+                "prepare_ms": self.prepare_ms, "setup_ms": self.setup_ms,
                 "units": [vars(u) for u in self.units]}
 
 
@@ -314,7 +340,7 @@ def _uses(loaded: Loaded, phase: str, values: dict) -> tuple[str, list[Use]]:
 def unit_ms(fit: UnitFit, point: dict, keys: int | None = None) -> float:
     """GPU ms of one call of a unit at its `point`; a paged attention call reading `keys`
     keys (default: N·P + T, as profiled) pays its key class (`keys_ratio`)."""
-    flops, moved = cost(fit.canonical, point)
+    flops, moved = cost(fit.canonical, point, fit.sms)
     ms = fit.gpu.predict([point[n] for n in fit.names], flops, moved)
     return ms * keys_ratio(fit.key_classes, point, keys)
 
@@ -339,7 +365,11 @@ def predict_at(loaded: Loaded, phase: str, values: dict, skew: float = DEFAULT_S
     regime, uses = _uses(loaded, phase, values)
     _require_fits(loaded)
     units, gpu, host = predict_uses(loaded, uses, values, skew)
-    return Step(phase, regime, values, units, gpu, host)
+    # The shape setup is the host time of the attention's first call at a new shape; the
+    # preparation is host work end to end, so its timed latency is its cost.
+    setup = predict_uses(loaded, loaded.builds.get((phase, regime), []), values)[2]
+    prepare = predict_uses(loaded, loaded.engine_units.get((phase, regime), []), values)[1]
+    return Step(phase, regime, values, units, gpu, host, prepare, setup)
 
 
 # --- continuous batching ---------------------------------------------------------------------
@@ -431,16 +461,10 @@ class FlatStepTime:
         key = (phase, values["T"], values["N"], values["P"], key_class(values["keys"]))
         if key not in self._memo:
             step = predict_at(self.loaded, phase, values, self.skew)
-            builds = self.loaded.builds.get((phase, step.regime), [])
-            prepare = self.loaded.engine_units.get((phase, step.regime), [])
-            # The shape setup is the host time of the attention's first call at a new shape;
-            # the preparation is host work end to end, so its timed latency is its cost.
-            self._memo[key] = (step.gpu_ms, step.host_ms,
-                               predict_uses(self.loaded, builds, values)[2],
-                               predict_uses(self.loaded, prepare, values)[1])
-        gpu, host, setup, prepare = self._memo[key]
+            self._memo[key] = (step.total_ms, step.setup_ms)
+        total, setup = self._memo[key]
         if shape in self._shapes:
             setup = 0.0
         self._shapes.add(shape)
-        # Batch preparation and the shape setup run on the host before the first kernel.
-        return (prepare + setup + max(gpu, host)) / 1e3
+        # The batch preparation and the shape setup run on the host before the first kernel.
+        return (total + setup) / 1e3

@@ -182,7 +182,8 @@ def environment(device: str) -> Env:
         props = torch.cuda.get_device_properties(index)
         info.update(device=props.name, capability=f"{props.major}.{props.minor}",
                     cuda=torch.version.cuda, driver=_driver_version(),
-                    memory_gib=round(props.total_memory / 2**30, 1))
+                    memory_gib=round(props.total_memory / 2**30, 1),
+                    sms=props.multi_processor_count)
     else:
         info.update(device=cpu_name(), threads=torch.get_num_threads())
     return Env(fingerprint(info), info["device"], info)

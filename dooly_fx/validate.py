@@ -4,22 +4,27 @@
     measure_steps(spec, engine, batches, device) -> [MeasuredStep]   GPU (or CPU) side only
     compare(loaded, measured) -> report dict                           CPU side only
 
-The real step is what the padded engine runs: `model(input_ids[B, S], past_key_values=cache,
-logits_to_keep=1)` on a transformers model built from the config with random weights, where
-the cache is a fresh `DynamicCache` holding P random tokens per sequence and layer (made with
-transformers' own cache code, so sliding layers keep their window). Each step is timed on a
-fresh cache: warm-up, then CUDA events around the forward from an idle GPU (so host-bound
-steps count their issue time), the median of `reps`.
+The real step is what the engine runs, on a transformers model built from the config with
+random weights. The padded engine: `model(input_ids[B, S], past_key_values=cache,
+logits_to_keep=1)`, where the cache is a fresh `DynamicCache` holding P random tokens per
+sequence and layer (made with transformers' own cache code, so sliding layers keep their
+window), equal-length sequences only. The paged engine (continuous batching, `paged|sdpa` or
+`paged|eager`): a whole engine step over any list of (new, cached) per sequence, on the
+engine's own scheduler, paged cache and I/O objects (`paged.EngineBatch`): batch
+preparation, forward, sampling, outputs back to the host. Each step is timed from an idle GPU
+with CUDA events (so host-bound steps count their issue time): its first run is kept apart
+(`first_ms`), then warm-up, then the median of `reps`.
 """
 
 from __future__ import annotations
 
 import functools
 import gc
+import itertools
 import re
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -39,6 +44,15 @@ STANDARD_STEPS = (
 )
 """Batch compositions validated by default: prefill, decode at several sizes and cached
 lengths, and mixed (chunked-prefill) steps, within the default profile bounds."""
+
+PAGED_STEPS = STANDARD_STEPS + (
+    "decode:16x512,decode:16x2048", "prefill:1x512,decode:31x1024",
+    "mixed:1x1024+2048,decode:15x512", "prefill:2x1024,decode:62x1024",
+    "mixed:1x384+640,mixed:1x128+3000,decode:24x700",
+)
+"""The paged engine's default steps: the standard set, then batches as continuous batching
+forms them, sequences of different lengths in one step (decodes at several cached lengths;
+a prefill or a prefill chunk beside decodes; odd key counts)."""
 
 
 def parse_batch(text: str) -> list[tuple[int, int]]:
@@ -77,6 +91,9 @@ class MeasuredStep:
     max_ms: float
     reps: int
     skipped: str | None = None
+    first_ms: float | None = None
+    """The step's first run, before its warm-up: in the paged engine, at an attention shape
+    the engine had not seen (cuDNN graph builds and the like)."""
 
 
 def build_model(spec: ModelSpec, engine: EngineProfile, device: str,
@@ -149,35 +166,33 @@ def measure_steps(spec: ModelSpec, engine: EngineProfile, steps: Sequence[str], 
                   warmup: int = 3, reps: int = 10,
                   on_step: Callable[[], None] | None = None,
                   fused_kinds=None) -> list[MeasuredStep]:
-    """Time each batch spec's real forward step; a step that runs out of memory is recorded
+    """Time each batch spec's real engine step; a step that runs out of memory is recorded
     as skipped. `fused_kinds`: see `build_model`."""
-    if engine.engine != "padded":
-        raise UserError("validate-steps times the padded engine; paged steps are validated "
-                        "through the serving engine (validate-serving)")
     model = build_model(spec, engine, device, fused_kinds)
-    timer, base, out = _timer(device), {}, []
-    vocab = model.config.vocab_size
+    if engine.engine == "paged":
+        model.set_attn_implementation(f"paged|{engine.attn_impl}")
+    base: dict = {}
+
+    def calls(batch):
+        return (_paged_calls(model, engine, device, batch) if engine.engine == "paged" else
+                _padded_calls(model, engine, device, batch, base))
+
+    timer, out = _timer(device), []
+    with torch.inference_mode():  # first-use costs (library handles, kernels) go here
+        for call in itertools.islice(calls(parse_batch("prefill:1x16")), 2):
+            call()
     for text in steps:
         batch = parse_batch(text)
-        if len({c for _, c in batch}) > 1 or len({q for q, _ in batch}) > 1:
-            raise UserError(f"{text}: the padded engine runs equal-length sequences; give one "
-                            "item per step")
-        b, s = len(batch), batch[0][0]
         try:
-            ids = torch.randint(0, vocab, (b, s), device=device)
             times = []
             gc.collect()
             gc.disable()  # a collection inside a timed step would be noise, not the engine
             with torch.inference_mode():
-                for i in range(warmup + reps):
-                    cache = _cache(model, batch, device, engine.torch_dtype, base)
-                    elapsed = timer(functools.partial(model, input_ids=ids, use_cache=True,
-                                                      past_key_values=cache, logits_to_keep=1))
-                    if i >= warmup:
-                        times.append(elapsed)
-                    del cache
-            out.append(MeasuredStep(text, batch, statistics.median(times), min(times),
-                                    max(times), reps))
+                for call in itertools.islice(calls(batch), warmup + reps):
+                    times.append(timer(call))
+            out.append(MeasuredStep(text, batch, statistics.median(times[warmup:]),
+                                    min(times[warmup:]), max(times[warmup:]), reps,
+                                    first_ms=times[0]))
         except torch.cuda.OutOfMemoryError:
             out.append(MeasuredStep(text, batch, float("nan"), float("nan"), float("nan"), 0,
                                     skipped="out of memory"))
@@ -189,6 +204,31 @@ def measure_steps(spec: ModelSpec, engine: EngineProfile, steps: Sequence[str], 
         if on_step:
             on_step()
     return out
+
+
+def _padded_calls(model, engine: EngineProfile, device: str, batch: list[tuple[int, int]],
+                  base: dict) -> Iterator[Callable[[], object]]:
+    """The padded engine's step, again and again: the forward over `input_ids[B, S]` on a
+    fresh cache each time (made before the call, outside the timed region)."""
+    if len({c for _, c in batch}) > 1 or len({q for q, _ in batch}) > 1:
+        raise UserError("the padded engine runs equal-length sequences; give one item per "
+                        "step")
+    ids = torch.randint(0, model.config.vocab_size, (len(batch), batch[0][0]), device=device)
+    while True:
+        cache = _cache(model, batch, device, engine.torch_dtype, base)
+        yield functools.partial(model, input_ids=ids, use_cache=True, past_key_values=cache,
+                                logits_to_keep=1)
+
+
+def _paged_calls(model, engine: EngineProfile, device: str, batch: list[tuple[int, int]]
+                 ) -> Iterator[Callable[[], object]]:
+    """The continuous-batching engine's step, again and again (`paged.EngineBatch.step`:
+    batch preparation, forward, sampling, outputs back to the host)."""
+    from dooly_fx.paged import EngineBatch
+
+    step = EngineBatch(model.config, engine.torch_dtype, device, [q for q, _ in batch],
+                       [c for _, c in batch])
+    return itertools.repeat(functools.partial(step.step, model))
 
 
 FIDELITY_STEPS = 3
@@ -276,10 +316,12 @@ def _role(module_name: str) -> str:
 
 def compare(loaded, measured: Sequence[MeasuredStep]) -> dict:
     """Per-step prediction error of `loaded` (a `predict.Loaded`) against measured steps;
-    median and p90 absolute percentage error over the steps that ran."""
+    median and p90 absolute percentage error over the steps that ran. Where the prediction
+    has a per-shape setup (`Step.setup_ms`) and the step's first run was recorded, that run
+    is compared with the prediction plus the setup as well (`first_error`)."""
     from dooly_fx.predict import predict_step
 
-    rows, errors = [], []
+    rows, errors, first = [], [], []
     for m in measured:
         row = asdict(m)
         if m.skipped is None:
@@ -287,11 +329,18 @@ def compare(loaded, measured: Sequence[MeasuredStep]) -> dict:
             error = (step.total_ms - m.median_ms) / m.median_ms
             errors.append(abs(error))
             row.update(phase=step.phase, predicted_ms=step.total_ms, gpu_ms=step.gpu_ms,
-                       host_ms=step.host_ms, error=error,
+                       host_ms=step.host_ms, prepare_ms=step.prepare_ms,
+                       setup_ms=step.setup_ms, error=error,
                        extrapolated=any(u.extrapolated for u in step.units))
+            if step.setup_ms and m.first_ms:
+                row["first_error"] = (step.total_ms + step.setup_ms - m.first_ms) / m.first_ms
+                first.append(abs(row["first_error"]))
         rows.append(row)
-    return {
+    report = {
         "model": loaded.model, "engine": loaded.engine, "steps": rows,
         "median_ape": float(np.median(errors)) if errors else None,
         "p90_ape": float(np.percentile(errors, 90)) if errors else None,
     }
+    if first:
+        report["first_median_ape"] = float(np.median(first))
+    return report

@@ -57,6 +57,34 @@ def test_paged_attention_cost_scores_every_query_against_every_key_of_the_step()
     assert cost(decode, {"N": 4, "P": 100})[0] == 4 * (4 * 8 * 64) * (4 * 100 + 4)  # T = N
 
 
+def test_paged_sdpa_flops_count_whole_waves_of_query_tiles():
+    """On a GPU of `sms` multiprocessors, `paged|sdpa`'s fused kernel runs one block per
+    (128-query tile, head) in whole waves: with 32 heads on 132 SMs a wave is 528 query rows,
+    so 544 queries cost as much as 1056 (two waves), and 512 one wave; 24 heads: 704 rows a
+    wave. `paged|eager` and a CPU environment are counted as the work itself."""
+    from dooly_fx.costs import device_sms, scheduled_queries
+    from dooly_fx.db import fingerprint
+
+    assert [scheduled_queries(t, 32, 132) for t in (1, 512, 544, 1024, 1088)] == \
+        [528, 528, 1056, 1056, 1584]
+    assert [scheduled_queries(t, 24, 132) for t in (640, 672, 1408, 1472)] == \
+        [704, 1408, 1408, 2112]
+    sdpa = {"kind": "paged_attention",
+            "inputs": [["bfloat16", ["T", 32, 128]], ["bfloat16", ["T", 8, 128]],
+                       ["bfloat16", ["T", 8, 128]], ["int32", ["N + 1"]]],
+            "outputs": [["bfloat16", ["T", 32, 128]]], "scalars": [[0, 0, "sdpa"]]}
+    eager = {**sdpa, "scalars": [[0, 0, "eager"]]}
+    point = {"T": 544, "N": 32, "P": 992}
+    work, moved = cost(sdpa, point)
+    assert cost(sdpa, point, 132) == (work * 1056 / 544, moved)
+    assert cost(eager, point, 132) == cost(eager, point)
+    h100 = {"device_type": "cuda", "device": "NVIDIA H100 80GB HBM3"}
+    assert device_sms(h100) == 132 and device_sms({**h100, "sms": 114}) == 114
+    assert device_sms({"device_type": "cpu", "device": "AMD EPYC"}) is None
+    assert device_sms({"device_type": "cuda", "device": "Some Future GPU"}) is None
+    assert fingerprint({**h100, "sms": 132}) == fingerprint(h100)  # environments keep theirs
+
+
 def test_dim_expressions_read_S_as_a_symbol():
     assert dim_value("P + S", {"P": 7, "S": 5}) == 12
     assert dim_value("B*S", {"B": 3, "S": 4}) == 12
@@ -203,21 +231,32 @@ def test_coverage_cli_reports_every_unit_with_plots(tiny_db, tmp_path):
     assert page.exists() and (page.parent / "fits_vs_measured.png").stat().st_size > 0
 
 
-def test_paged_engine_profiles_the_engines_own_attention_and_predicts_flat_steps(tmp_path):
-    """--engine paged: the attention unit is swept over (T, N, P) and timed as transformers'
-    `paged|eager` on its own PagedAttentionCache; a continuous-batching step is then predicted
-    at (T, N, mean cached) directly."""
+@pytest.fixture(scope="module")
+def paged_db(tmp_path_factory):
+    """A real CPU profile of a tiny Llama under the paged engine (`paged|eager`; decode and
+    mixed steps), fitted: (path, spec, engine, the attention case)."""
     spec = tiny_spec("llama-3.1-8b")
     engine = EngineProfile(engine="paged", attn_impl="eager")
     coll = collect([spec], engine, ["decode", "mixed"])
     (attn,) = [c for c in coll.cases.values() if c.kind == "paged_attention"
                and len(c.symbols) == 3]
-    assert sorted(attn.symbols) == ["N", "P", "T"] and attn.canonical["scalars"][0][-1] == "eager"
+    path = tmp_path_factory.mktemp("paged") / "lat.db"
     env = environment("cpu")
-    with LatencyDB.open(tmp_path / "lat.db") as db:
+    with LatencyDB.open(path) as db:
         result = profile(db, coll, env, Bounds(8, 2, 64), "cpu", "test", budget_ms=(0.5, 1.0))
         assert result.failed == 0 and result.measured > 0
         fit_db(db, env.fingerprint)
+    return path, spec, engine, attn
+
+
+def test_paged_engine_profiles_the_engines_own_attention_and_predicts_flat_steps(paged_db):
+    """--engine paged: the attention unit is swept over (T, N, P) and timed as transformers'
+    `paged|eager` on its own PagedAttentionCache; a continuous-batching step is then predicted
+    at (T, N, mean cached) directly."""
+    path, spec, engine, attn = paged_db
+    assert sorted(attn.symbols) == ["N", "P", "T"] and attn.canonical["scalars"][0][-1] == "eager"
+    env = environment("cpu")
+    with LatencyDB.open(path, create=False) as db:
         loaded = load(db, spec.name, env.fingerprint, engine.label)
     from dooly_fx.predict import predict_uses
 
@@ -233,12 +272,14 @@ def test_paged_engine_profiles_the_engines_own_attention_and_predicts_flat_steps
     expected = predict_step(loaded, [(1, 32), (1, 32), (4, 32)])
     assert expected.values == {"T": 6, "N": 3, "P": 32, "keys": 102}
     assert expected.phase == "mixed"
-    assert prepare("mixed", expected.values) > 0
-    assert step([(1, 32), (1, 32), (4, 32)]) * 1e3 == pytest.approx(
-        expected.total_ms + prepare("mixed", expected.values))
+    assert expected.prepare_ms == prepare("mixed", expected.values) > 0
+    assert expected.total_ms == pytest.approx(
+        expected.prepare_ms + max(expected.gpu_ms, expected.host_ms))
+    assert expected.setup_ms == 0.0  # paged|eager builds nothing per shape
+    assert step([(1, 32), (1, 32), (4, 32)]) * 1e3 == pytest.approx(expected.total_ms)
     decode = predict_step(loaded, [(1, 32), (1, 32)])
-    assert step([(1, 16), (1, 48)]) * 1e3 == pytest.approx(
-        decode.total_ms + prepare("decode", decode.values))  # mean cached: same keys read
+    assert decode.prepare_ms == prepare("decode", decode.values)
+    assert step([(1, 16), (1, 48)]) * 1e3 == pytest.approx(decode.total_ms)  # same keys read
 
     # The attention was also measured in every key class, and a step pays its own class:
     # one more cached token turns 102 keys (even) into 103 (odd) at the same (T, N, P).
@@ -314,3 +355,32 @@ def test_key_classes_of_paged_attention():
     sliding = {**decode, "scalars": [[4096, "eager"]]}  # a rolling buffer reads other counts
     assert not any("A" in p for p in points(sliding, Bounds()))
     assert not any("A" in p for p in points(GEMM, Bounds()))
+
+
+def test_validate_steps_times_whole_paged_engine_steps(paged_db, tmp_path):
+    """validate-steps --engine paged times the continuous-batching engine's own steps, with
+    sequences of different lengths in one batch; each is predicted as the engine's batch
+    preparation then the forward, and --measured predicts the same steps again unchanged.
+    The padded engine refuses unequal sequences with a one-line error."""
+    path, spec, *_ = paged_db
+    out, again = tmp_path / "steps.json", tmp_path / "again.json"
+    base = ("validate-steps", spec.name, "--db", str(path), "--device", "cpu", "--engine",
+            "paged", "--attn", "eager")
+    result = _cli(*base, "--steps", "decode:1x16,decode:1x33;mixed:1x4+20,decode:1x30",
+                  "--reps", "2", "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert report["engine"] == "paged|eager|bfloat16"
+    assert [(s["phase"], s["batch"]) for s in report["steps"]] == [
+        ("decode", [[1, 16], [1, 33]]), ("mixed", [[4, 20], [1, 30]])]
+    for s in report["steps"]:
+        assert s["median_ms"] > 0 and s["first_ms"] > 0 and s["reps"] == 2
+        assert s["prepare_ms"] > 0 and s["setup_ms"] == 0.0  # paged|eager: no shape setup
+        assert s["predicted_ms"] == pytest.approx(s["prepare_ms"] + max(s["gpu_ms"],
+                                                                        s["host_ms"]))
+    result = _cli(*base, "--measured", str(out), "--json", str(again))
+    assert result.returncode == 0, result.stderr
+    assert json.loads(again.read_text())["steps"] == report["steps"]
+    padded = _cli("validate-steps", spec.name, "--db", str(path), "--device", "cpu",
+                  "--engine", "paged", "--attn", "eager", "--fidelity", "decode:2x16")
+    assert padded.returncode == 2 and "padded engine's forward" in padded.stderr

@@ -148,6 +148,30 @@ def test_engine_prepare_schedules_the_batch_and_builds_its_masks():
     assert eager["scalars"][0][-1] == "paged|eager" and eager != canonical
 
 
+def test_engine_batch_step_runs_the_engines_forward_and_sampling():
+    """`EngineBatch.step` is a whole continuous-batching step on a real model: prefills of
+    different lengths flattened into one forward over the paged cache, greedy sampling of one
+    token per sequence, identical to the padded forward's argmax of each sequence's last
+    logits; and it can run again (validate-steps repeats it)."""
+    from dooly_fx.engine import EngineProfile
+    from dooly_fx.validate import build_model
+
+    from tiny import tiny_spec
+
+    torch.manual_seed(0)
+    model = build_model(tiny_spec("llama-3.1-8b"), EngineProfile(dtype="float32"), "cpu")
+    prompts = [torch.randint(0, 256, (q,)).tolist() for q in (5, 3, 9)]
+    with torch.inference_mode():
+        want = [int(model(input_ids=torch.tensor([p])).logits[0, -1].argmax()) for p in prompts]
+        assert len(set(want)) == 3
+        model.set_attn_implementation("paged|sdpa")
+        batch = paged.EngineBatch(model.config, torch.float32, "cpu", [5, 3, 9], [0, 0, 0],
+                                  block_size=16, tokens=prompts)
+        for _ in range(2):
+            batch.step(model)
+            assert batch.io.output_ids[0, :3].tolist() == want
+
+
 def test_engine_attention_runs_the_sliding_window_path():
     """A sliding-window layer reads at most window - 1 cached tokens of each sequence from the
     engine's rolling buffer before writing the new ones (masked_scatter_ puts them in), and
