@@ -193,9 +193,9 @@ def _paged_attention_schedule(ins: list[Tensor], canonical: dict, point: Point,
 
 
 DEVICE_SMS = {"H100 80GB HBM3": 132, "H100 SXM": 132, "H100 PCIe": 114, "H100 NVL": 132,
-              "H200": 132, "A100": 108, "L40S": 142, "L4": 58}
-"""Multiprocessors of GPUs by (part of) their name, for environments recorded without their
-own count (`device_sms`)."""
+              "H200": 132, "A100": 108, "L40S": 142, "L40": 142, "L4": 58}
+"""Multiprocessors of GPUs by (part of) their name, first match in this order, for
+environments recorded without their own count (`device_sms`)."""
 
 
 def device_sms(info: dict) -> int | None:
