@@ -30,10 +30,9 @@ import numpy as np
 import sklearn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dooly_fx.costs import device_sms  # noqa: E402
 from dooly_fx.db import LatencyDB  # noqa: E402
 from dooly_fx.fit import METHODS, fit_unit  # noqa: E402
-from dooly_fx.hostinfo import cpu_name  # noqa: E402
+from dooly_fx.hostinfo import cpu_name, device_sms  # noqa: E402
 from dooly_fx.predict import features, unit_vars  # noqa: E402
 
 

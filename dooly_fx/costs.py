@@ -192,23 +192,6 @@ def _paged_attention_schedule(ins: list[Tensor], canonical: dict, point: Point,
     return scheduled_queries(tokens, heads, sms) / max(tokens, 1)
 
 
-DEVICE_SMS = {"H100 80GB HBM3": 132, "H100 SXM": 132, "H100 PCIe": 114, "H100 NVL": 132,
-              "H200": 132, "A100": 108, "L40S": 142, "L40": 142, "L4": 58}
-"""Multiprocessors of GPUs by (part of) their name, first match in this order, for
-environments recorded without their own count (`device_sms`)."""
-
-
-def device_sms(info: dict) -> int | None:
-    """The multiprocessor count of an environment: as recorded (`sms`), else by its device
-    name (`DEVICE_SMS`); None for a CPU or an unknown GPU (no wave rounding then)."""
-    if info.get("device_type") != "cuda":
-        return None
-    if info.get("sms"):
-        return int(info["sms"])
-    name = str(info.get("device", ""))
-    return next((n for part, n in DEVICE_SMS.items() if part in name), None)
-
-
 @register_extra_bytes("paged_attention")
 def _paged_attention_bytes(ins: list[Tensor], outs: list[Tensor], canonical: dict,
                            point: Point) -> float:

@@ -365,17 +365,16 @@ class EngineBatch:
             state = RequestState(request_id=f"r{i}", initial_tokens=ids)
             state.allocated_blocks = blocks_for(q + c, block_size)  # as batch_cache did
             decoding = q == 1 and c > 0
-            self._requests.append((state, c, ids[c:], RequestStatus.DECODING if decoding
-                                   else RequestStatus.PREFILLING))
+            self._requests.append((state, c, ids[c:], decoding, RequestStatus.DECODING
+                                   if decoding else RequestStatus.PREFILLING))
             self.scheduler.active_requests[state.request_id] = state
-        self._decoding = RequestStatus.DECODING
         self.tokens = sum(new)
         self._runner = None
 
     def prepare(self) -> dict:
-        for state, c, todo, status in self._requests:  # back to where this step begins
+        for state, c, todo, decoding, status in self._requests:  # back to the step's start
             state.status, state.position_offset = status, c
-            if status == self._decoding:
+            if decoding:
                 state.tokens_to_process, state.remaining_prefill_tokens = todo, []
             else:
                 state.tokens_to_process, state.remaining_prefill_tokens = [], todo

@@ -29,10 +29,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from dooly_fx.costs import cost, device_sms, dim_value, key_class, step_keys
+from dooly_fx.costs import cost, dim_value, key_class, step_keys
 from dooly_fx.db import LatencyDB
 from dooly_fx.errors import UserError
 from dooly_fx.fit import LatencyModel, fit_key_classes, fit_unit, key_class_ratio
+from dooly_fx.hostinfo import device_sms
 from dooly_fx.names import ENGINE_PREPARE_ROLE, SHAPE_BUILD_SUFFIX
 from dooly_fx.sweep import request_vars
 
@@ -130,7 +131,7 @@ def fit_db(db: LatencyDB, env: str, on_unit: Callable[[], None] | None = None) -
 
 
 def environment_sms(db: LatencyDB, env: str) -> int | None:
-    """The multiprocessor count of a DB's environment (`costs.device_sms`)."""
+    """The multiprocessor count of a DB's environment (`hostinfo.device_sms`)."""
     return next((device_sms(e) for e in db.environments() if e["fingerprint"] == env), None)
 
 

@@ -62,8 +62,9 @@ def test_paged_sdpa_flops_count_whole_waves_of_query_tiles():
     (128-query tile, head) in whole waves: with 32 heads on 132 SMs a wave is 528 query rows,
     so 544 queries cost as much as 1056 (two waves), and 512 one wave; 24 heads: 704 rows a
     wave. `paged|eager` and a CPU environment are counted as the work itself."""
-    from dooly_fx.costs import device_sms, scheduled_queries
+    from dooly_fx.costs import scheduled_queries
     from dooly_fx.db import fingerprint
+    from dooly_fx.hostinfo import device_sms
 
     assert [scheduled_queries(t, 32, 132) for t in (1, 512, 544, 1024, 1088)] == \
         [528, 528, 1056, 1056, 1584]
