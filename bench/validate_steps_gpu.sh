@@ -2,7 +2,7 @@
 # Step-level validation on the GPU machine (padded engine), into OUT_DIR:
 #   bash bench/validate_steps_gpu.sh OUT_DIR [STAGES]
 #   STAGES (default: record eager fit sdpa eager-steps): any of record, eager, fit, sdpa,
-#   eager-steps, fidelity, paged. Each step and fidelity run writes its own JSON, and the log of
+#   eager-steps, fidelity, paged, refresh. Each step and fidelity run writes its own JSON, and the log of
 #   each model goes to OUT_DIR as it runs, so a stage stopped by its time limit keeps what
 #   finished. STEP_SECONDS (default 150) limits each model's validate-steps run.
 #   paged: validate-steps --engine paged (the continuous-batching engine's whole steps) for
@@ -12,6 +12,8 @@
 #    measure for sdpa, the profile is complete;
 # 2. profile the eager-attention units of EAGER models (every other unit is shared with sdpa);
 # 3. fit; 4. validate-steps for each model (sdpa) and each EAGER model (eager).
+# refresh: `profile --refresh-host` for every validated model and engine (host times measured
+#    again beside a host probe, for a DB profiled before probes were recorded), then fit.
 set -u
 OUT_DIR=${1:?output folder}
 STAGES=" ${2:-record eager fit sdpa eager-steps} "
@@ -30,6 +32,18 @@ if has eager; then
         --db "$DB" --device cuda $BOUNDS $BUDGET 2>&1 | grep -v "━" | tail -8
 fi
 if has fit; then
+    python3 -m dooly_fx fit --db "$DB" | tail -2
+fi
+if has refresh; then
+    PAGED_ALL="llama-3.2-1b llama-3.1-8b gemma-2-9b qwen2.5-7b llama-3.2-3b mistral-7b phi-3-mini \
+qwen1.5-moe-a2.7b"
+    for run in "sdpa:$MODELS" "eager:$EAGER" "paged sdpa:$PAGED_ALL" \
+            "paged eager:${PAGED_EAGER:-llama-3.2-1b llama-3.1-8b}"; do
+        kind=${run%%:*}; models=${run#*:}
+        engine="--attn ${kind##* }"; [[ "$kind" == paged* ]] && engine="--engine paged $engine"
+        python3 -m dooly_fx profile $models $engine --db "$DB" --device cuda $BOUNDS \
+            --refresh-host 2>&1 | grep -v "━" | tail -2
+    done
     python3 -m dooly_fx fit --db "$DB" | tail -2
 fi
 LIMIT=${STEP_SECONDS:-150}

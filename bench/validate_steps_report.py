@@ -66,6 +66,8 @@ def main() -> None:
                                                      if s["gpu_ms"] >= s["host_ms"]] or [np.nan])),
             "unit_fidelity_median_ape": fidelity,
             "first_median_ape": report.get("first_median_ape"),
+            "at_host_median_ape": report.get("at_host_median_ape"),
+            "at_host_p90_ape": report.get("at_host_p90_ape"),
         })
     fidelity_all = {phase: _median_abs([u["error"] for u in fidelity_rows
                                         if u["step"].startswith(phase)])
@@ -75,11 +77,17 @@ def main() -> None:
         steps = [s for _, e, s in everything if e.split("|")[0] == kind]
         errors = np.abs([s["error"] for s in steps])
         gpu = np.abs([s["error"] for s in steps if s["gpu_ms"] >= s["host_ms"]])
+        at_host = np.abs([s["at_host_error"] for s in steps if "at_host_error" in s])
         by_engine[kind] = {"steps": len(errors), "median_ape": float(np.median(errors)),
                            "p90_ape": float(np.percentile(errors, 90)),
                            "gpu_bound_steps": len(gpu),
                            "gpu_bound_median_ape": float(np.median(gpu)),
-                           "gpu_bound_p90_ape": float(np.percentile(gpu, 90))}
+                           "gpu_bound_p90_ape": float(np.percentile(gpu, 90)),
+                           "at_host_steps": len(at_host),
+                           "at_host_median_ape": float(np.median(at_host)) if len(at_host)
+                           else None,
+                           "at_host_p90_ape": float(np.percentile(at_host, 90)) if len(at_host)
+                           else None}
     summary = {"files": rows, "by_engine": by_engine,
                "unit_fidelity": {"units": len(fidelity_rows),
                                  "median_ape": fidelity_all[""],
@@ -97,22 +105,30 @@ def main() -> None:
              "(`measured_on`); padded: the model's forward (equal-length sequences); paged: "
              "the continuous-batching engine's whole step (batch preparation, forward, "
              "sampling), sequences of different lengths in one step", "",
-             "| model | engine | steps | median APE | p90 APE | GPU-bound median APE | "
-             "host-bound steps | outside profiled range | unit fidelity prefill / decode | "
-             "first run (new shape) median APE |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "- *at host speed*: the same steps predicted for the speed the host had while each "
+             "ran (the host probe timed before each rep, `MeasuredStep.host_probe_ms`; "
+             "docs/predict.md, \"Host speed\")", "",
+             "| model | engine | steps | median APE | p90 APE | at host speed median / p90 APE "
+             "| GPU-bound median APE | host-bound steps | outside profiled range | "
+             "unit fidelity prefill / decode | first run (new shape) median APE |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         engine = r["engine"].replace("|", "\\|")
         first = "" if r["first_median_ape"] is None else f"{r['first_median_ape']:.1%}"
+        at_host = "" if r["at_host_median_ape"] is None else \
+            f"{r['at_host_median_ape']:.1%} / {r['at_host_p90_ape']:.1%}"
         lines.append(f"| {r['model']} | {engine} | {r['steps']} | {r['median_ape']:.1%} | "
-                     f"{r['p90_ape']:.1%} | {r['gpu_bound_median_ape']:.1%} | "
+                     f"{r['p90_ape']:.1%} | {at_host} | {r['gpu_bound_median_ape']:.1%} | "
                      f"{r['host_bound']} | {r['extrapolated']} | {_fidelity(r)} | {first} |")
     lines.append("")
     for kind, e in by_engine.items():
         lines.append(f"All {e['steps']} {kind}-engine steps: median APE {e['median_ape']:.1%}, "
                      f"p90 APE {e['p90_ape']:.1%}; the {e['gpu_bound_steps']} GPU-bound ones "
                      f"(predicted GPU time >= host time): median {e['gpu_bound_median_ape']:.1%}, "
-                     f"p90 {e['gpu_bound_p90_ape']:.1%}.")
+                     f"p90 {e['gpu_bound_p90_ape']:.1%}."
+                     + (f" At the host's speed while each step ran ({e['at_host_steps']} "
+                        f"steps): median {e['at_host_median_ape']:.1%}, p90 "
+                        f"{e['at_host_p90_ape']:.1%}." if e["at_host_steps"] else ""))
     if fidelity_rows:
         lines += ["", "Unit fidelity (`--fidelity \"prefill:4x1024;decode:32x1024\"`: each "
                   "leaf unit's predicted GPU time against its module's kernel time inside the "

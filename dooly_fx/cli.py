@@ -174,6 +174,9 @@ def cmd_profile(args: argparse.Namespace) -> None:
     coll = _collect(specs, engine, phases)
     with LatencyDB.open(args.db) as db:
         env = environment(devices[0])
+        if args.refresh_host:
+            _refresh_host(db, coll, env, devices[0])
+            return
         before = plan(db, coll, env, bounds, [s.name for s in specs], local=True)
         for m in before["models"]:
             if m["missing_points"] == 0:
@@ -206,6 +209,24 @@ def cmd_profile(args: argparse.Namespace) -> None:
     if args.json:
         _write_json(args.json, after)
     _print_profile(results, before, after)
+
+
+def _refresh_host(db, coll, env, device: str) -> None:
+    """`profile --refresh-host`: host times measured again beside a host probe."""
+    from dooly_fx.profile import command_line, record_models, refresh_host, refresh_todo
+
+    record_models(db, coll, env)
+    total = refresh_todo(db, coll, env)
+    if total == 0:
+        _out.print(f"every measured signature on {env.device} has host times with a host "
+                   "probe; nothing to refresh")
+        return
+    with _progress(eta=True) as progress:
+        task = progress.add_task(f"host times on {env.device}", total=total)
+        signatures, points = refresh_host(db, coll, env, device, command_line(),
+                                          on_point=lambda: progress.advance(task))
+    _out.print(f"host time measured again with a host probe at {points} points of "
+               f"{signatures} signatures; run `python -m dooly_fx fit --db {db.path}`")
 
 
 @contextmanager
@@ -407,6 +428,10 @@ def _parser() -> argparse.ArgumentParser:
                               help="warm-up budget per point")
             verb.add_argument("--rep-ms", type=float, default=100.0,
                               help="timed repetitions budget per point (>= 10 samples)")
+            verb.add_argument("--refresh-host", action="store_true",
+                              help="instead of profiling: measure the host time again, beside "
+                                   "a host probe, at a few points of each signature profiled "
+                                   "without one (DBs from before host probes)")
 
     up = add_verb(verbs, "upgrade-db", cmd_upgrade_db,
                   "upgrade a latency DB to this version's schema")

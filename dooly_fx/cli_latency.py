@@ -122,14 +122,15 @@ def cmd_predict(args: argparse.Namespace) -> None:
         python -m dooly_fx predict qwen2.5-7b --db lat.db --device cpu --batch decode:30x1024 \\
             --json step.json
     """
-    from dooly_fx.predict import load, predict_step
+    from dooly_fx.predict import at_host_speed, load, predict_step
     from dooly_fx.validate import parse_batch
 
     batch = parse_batch(args.batch)
+    probe = host_probe_arg(args.host_probe)
     with LatencyDB.open(args.db, create=False) as db:
         name = model_name(db, args.model)
         env = _environment(db, args.device)
-        loaded = load(db, name, env["fingerprint"], _engine(args).label)
+        loaded = at_host_speed(load(db, name, env["fingerprint"], _engine(args).label), probe)
     step = predict_step(loaded, batch, skew=args.skew)
     table = Table(title=f"{name} · {step.phase} {step.values} · {env['device']} · "
                         f"{loaded.engine}")
@@ -147,12 +148,33 @@ def cmd_predict(args: argparse.Namespace) -> None:
         if step.prepare_ms else ""
     out.print(f"total {step.total_ms:.3f} ms ({engine}{bound}-bound forward: GPU "
               f"{step.gpu_ms:.3f} ms, host {step.host_ms:.3f} ms)")
+    if loaded.host_probe_ms:
+        speed = loaded.host_probe_ms * loaded.host_scale
+        out.print(f"host-side times at a host speed of {speed:.3f} ms per host probe" + (
+            "" if probe else " (the DB's; --host-probe sets another)"))
     if step.setup_ms:
         out.print(f"a step at an attention shape new to the engine also pays "
                   f"{step.setup_ms:.3f} ms of per-shape setup")
     if args.json:
         write_json(args.json, {"model": name, "environment": env["fingerprint"],
                                "device": env["device"], "batch": batch, **step.to_json()})
+
+
+def host_probe_arg(text: str | None) -> float | None:
+    """`--host-probe`: None, a time in ms, or 'here' (this machine's probe, measured now)."""
+    from dooly_fx.hostinfo import host_probe_ms
+
+    if text is None:
+        return None
+    if text == "here":
+        return host_probe_ms(21)
+    try:
+        value = float(text)
+    except ValueError:
+        raise UserError(f"--host-probe: {text!r} is neither a time in ms nor 'here'") from None
+    if not value > 0:
+        raise UserError(f"--host-probe: {text} ms; give a positive time")
+    return value
 
 
 def cmd_validate_steps(args: argparse.Namespace) -> None:
@@ -223,7 +245,8 @@ def cmd_validate_steps(args: argparse.Namespace) -> None:
         report["fidelity"] = old["fidelity"]
     paged = engine.engine == "paged"
     table = Table(title=f"validate-steps · {name} · {engine.label} · {env['device']}")
-    columns = ["step", "phase", "measured ms", "predicted ms", "GPU ms", "host ms", "error"]
+    columns = ["step", "phase", "measured ms", "predicted ms", "GPU ms", "host ms", "error",
+               "at host speed"]
     if paged:  # the engine's batch preparation, and the first run at a new shape
         columns[4:4] = ["prepare ms"]
         columns += ["first run ms", "+ setup ms", "first error"]
@@ -236,7 +259,8 @@ def cmd_validate_steps(args: argparse.Namespace) -> None:
         flag = " *" if row["extrapolated"] else ""
         cells = [row["spec"], row["phase"], f"{row['median_ms']:.3f}",
                  f"{row['predicted_ms']:.3f}", f"{row['gpu_ms']:.3f}", f"{row['host_ms']:.3f}",
-                 f"{row['error']:+.1%}{flag}"]
+                 f"{row['error']:+.1%}{flag}",
+                 f"{row['at_host_error']:+.1%}" if "at_host_error" in row else "-"]
         if paged:
             cells[4:4] = [f"{row.get('prepare_ms', 0.0):.3f}"]
             first = row.get("first_ms")
@@ -248,6 +272,9 @@ def cmd_validate_steps(args: argparse.Namespace) -> None:
     if report["median_ape"] is not None:
         out.print(f"median APE {report['median_ape']:.1%} · p90 APE {report['p90_ape']:.1%}"
                   " (* = outside the profiled range)")
+    if "at_host_median_ape" in report:
+        out.print(f"at the speed the host had while each step ran (host probe): median APE "
+                  f"{report['at_host_median_ape']:.1%} · p90 APE {report['at_host_p90_ape']:.1%}")
     if "first_median_ape" in report:
         out.print(f"first runs (a new attention shape, prediction + per-shape setup): median "
                   f"APE {report['first_median_ape']:.1%}")
@@ -332,6 +359,10 @@ def add_verbs(verbs) -> None:
                               help="e.g. prefill:2x512 or decode:30x1024 or mixed:2x256+1024")
             verb.add_argument("--skew", type=float, default=0.0,
                               help="MoE routing skew (Zipf exponent; 0 = uniform)")
+            verb.add_argument("--host-probe", metavar="MS|here",
+                              help="predict host-side times for a host whose probe takes MS "
+                                   "ms ('here': this machine, measured now); default: the "
+                                   "speed of the host the DB was profiled on")
         else:
             verb.add_argument("--steps", metavar="SPECS",
                               help="';'-separated batch specs (default: a standard set)")

@@ -14,6 +14,7 @@ import json
 import os
 import socket
 import sqlite3
+import statistics
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -23,7 +24,7 @@ from pathlib import Path
 from dooly_fx.errors import UserError
 
 APP_ID = "dooly_fx latency db"
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 CLAIM_TIMEOUT_S = 600.0
 """A claim older than this, or held by a process that no longer exists, can be taken over."""
 
@@ -67,6 +68,7 @@ CREATE TABLE points (
     status TEXT NOT NULL CHECK (status IN ('claimed', 'ok', 'failed', 'oom')),
     median_ms REAL, mean_ms REAL, min_ms REAL, max_ms REAL, std_ms REAL, n INTEGER,
     host_ms REAL,                     -- host time to issue the unit once (eager dispatch)
+    host_probe_ms REAL,               -- the host probe beside it (hostinfo.host_probe_ms)
     attempts INTEGER NOT NULL DEFAULT 0,
     error TEXT,
     claimed_by TEXT,                  -- host:pid of the profiler holding the claim
@@ -121,6 +123,8 @@ class Timing:
     std_ms: float
     n: int
     host_ms: float | None = None
+    host_probe_ms: float | None = None
+    """How fast the host was while `host_ms` was measured (`hostinfo.host_probe_ms`)."""
 
 
 DESCRIPTIVE_INFO = ("sms",)
@@ -340,11 +344,13 @@ class LatencyDB:
                 if isinstance(result, Timing):
                     self.conn.execute(
                         "UPDATE points SET status = 'ok', median_ms = ?, mean_ms = ?, "
-                        "min_ms = ?, max_ms = ?, std_ms = ?, n = ?, host_ms = ?, error = NULL, "
-                        "attempts = attempts + 1, claimed_by = NULL, run_id = ?, updated_at = ? "
+                        "min_ms = ?, max_ms = ?, std_ms = ?, n = ?, host_ms = ?, "
+                        "host_probe_ms = ?, error = NULL, attempts = attempts + 1, "
+                        "claimed_by = NULL, run_id = ?, updated_at = ? "
                         "WHERE signature = ? AND env = ? AND point = ?",
                         (result.median_ms, result.mean_ms, result.min_ms, result.max_ms,
-                         result.std_ms, result.n, result.host_ms, run_id, now,
+                         result.std_ms, result.n, result.host_ms, result.host_probe_ms,
+                         run_id, now,
                          signature, env, point))
                 else:
                     status = "oom" if result == "oom" else "failed"
@@ -353,11 +359,7 @@ class LatencyDB:
                         "claimed_by = NULL, run_id = ?, updated_at = ? "
                         "WHERE signature = ? AND env = ? AND point = ?",
                         (status, result, run_id, now, signature, env, point))
-            self.conn.execute(
-                "INSERT INTO run_signatures VALUES (?, ?, ?, ?) ON CONFLICT (run_id, signature) "
-                "DO UPDATE SET device_seconds = device_seconds + excluded.device_seconds, "
-                "points = points + excluded.points",
-                (run_id, signature, device_seconds, len(results)))
+            self._add_run_seconds(run_id, signature, device_seconds, len(results))
 
     def forget(self, env: str, signatures: Sequence[str], why: str) -> int:
         """Mark the measured points of `signatures` in `env` to be measured again (a changed
@@ -388,6 +390,50 @@ class LatencyDB:
             "SELECT point, median_ms FROM points WHERE env = ? AND signature = ? "
             "AND status = 'ok' ORDER BY point", (env, signature))
         return [(json.loads(r["point"]), r["median_ms"]) for r in rows]
+
+    def host_points(self, env: str, signature: str) -> list[tuple[float, float | None]]:
+        """(host ms, host probe ms or None) of every measured point of one signature that
+        has a host time, in point order."""
+        rows = self.conn.execute(
+            "SELECT host_ms, host_probe_ms FROM points WHERE env = ? AND signature = ? "
+            "AND status = 'ok' AND host_ms IS NOT NULL ORDER BY point", (env, signature))
+        return [(r["host_ms"], r["host_probe_ms"]) for r in rows]
+
+    def host_unprobed(self, env: str, signature: str) -> list[str]:
+        """Measured points of one signature recorded without a host probe, in point order;
+        none once any of its points has one."""
+        rows = self.conn.execute(
+            "SELECT point, host_probe_ms FROM points WHERE env = ? AND signature = ? "
+            "AND status = 'ok' AND host_ms IS NOT NULL ORDER BY point",
+            (env, signature)).fetchall()
+        if any(r["host_probe_ms"] is not None for r in rows):
+            return []
+        return [r["point"] for r in rows]
+
+    def host_probe_ms(self, env: str) -> float | None:
+        """The environment's host speed: the median host probe of its points (None before
+        any point recorded one)."""
+        probes = sorted(r[0] for r in self.conn.execute(
+            "SELECT host_probe_ms FROM points WHERE env = ? AND status = 'ok' "
+            "AND host_probe_ms IS NOT NULL", (env,)))
+        return statistics.median(probes) if probes else None
+
+    def set_host(self, env: str, signature: str, rows: Sequence[tuple[str, float, float]],
+                 run_id: int, device_seconds: float) -> None:
+        """Store (point, host ms, host probe ms) re-measured for measured points of one
+        signature (`profile --refresh-host`), in one transaction; their GPU times stay."""
+        with _transaction(self.conn, immediate=True):
+            self.conn.executemany(
+                "UPDATE points SET host_ms = ?, host_probe_ms = ? "
+                "WHERE signature = ? AND env = ? AND point = ? AND status = 'ok'",
+                [(host, probe, signature, env, point) for point, host, probe in rows])
+            self._add_run_seconds(run_id, signature, device_seconds, len(rows))
+
+    def _add_run_seconds(self, run_id: int, signature: str, seconds: float, points: int) -> None:
+        self.conn.execute(
+            "INSERT INTO run_signatures VALUES (?, ?, ?, ?) ON CONFLICT (run_id, signature) "
+            "DO UPDATE SET device_seconds = device_seconds + excluded.device_seconds, "
+            "points = points + excluded.points", (run_id, signature, seconds, points))
 
     # --- fits ----------------------------------------------------------------------------------
 
@@ -546,7 +592,14 @@ def _upgrade_2(conn: sqlite3.Connection) -> None:
         conn.execute("ALTER TABLE model_units ADD COLUMN binding TEXT NOT NULL DEFAULT '{}'")
 
 
-_UPGRADES = {1: _upgrade_1, 2: _upgrade_2}
+def _upgrade_3(conn: sqlite3.Connection) -> None:
+    """v3 -> v4: `points.host_probe_ms`, how fast the host was while a point's host time was
+    measured. Points from v3 get NULL (`profile --refresh-host` measures it)."""
+    if "host_probe_ms" not in {r["name"] for r in conn.execute("PRAGMA table_info(points)")}:
+        conn.execute("ALTER TABLE points ADD COLUMN host_probe_ms REAL")
+
+
+_UPGRADES = {1: _upgrade_1, 2: _upgrade_2, 3: _upgrade_3}
 """schema version -> function that upgrades it by one version, inside one transaction."""
 
 

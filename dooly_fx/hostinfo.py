@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import platform
+import statistics
+import time
 
 
 def cpu_name() -> str:
@@ -25,6 +27,26 @@ def machine(device: str) -> dict:
     info = {"torch": torch.__version__, "transformers": transformers.__version__}
     info["device"] = torch.cuda.get_device_name() if device.startswith("cuda") else cpu_name()
     return info
+
+
+PROBE_LOOP = 10_000
+"""Iterations of the host probe's loop (about half a millisecond on a server core)."""
+
+
+def host_probe_ms(runs: int = 1) -> float:
+    """How fast this host runs the interpreter right now: the median time, in ms, of `runs`
+    runs of a fixed pure-Python loop. A step's host side (Python, dispatch, launches) takes
+    longer in proportion when the CPU is slower; a shared or throttled CPU changes this from
+    second to second (docs/predict.md, "Host speed"), so it is measured beside what it
+    calibrates."""
+    samples = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        total = 0
+        for i in range(PROBE_LOOP):
+            total += i * i
+        samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples)
 
 
 DEVICE_SMS = {"H100 80GB HBM3": 132, "H100 SXM": 132, "H100 PCIe": 114, "H100 NVL": 132,

@@ -25,7 +25,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -98,13 +98,12 @@ def fit_db(db: LatencyDB, env: str, on_unit: Callable[[], None] | None = None) -
     keys = [r[0] for r in db.conn.execute(
         "SELECT DISTINCT signature FROM points WHERE env = ? AND status = 'ok' "
         "ORDER BY signature", (env,))]
+    probe = db.host_probe_ms(env)
     summary, rows = FitSummary(), []
     for key in keys:
         points = db.ok_points(env, key)
-        host = [r[0] for r in db.conn.execute(
-            "SELECT host_ms FROM points WHERE env = ? AND signature = ? AND status = 'ok' "
-            "AND host_ms IS NOT NULL", (env, key))]
-        digest = _digest([sms, points])
+        host = db.host_points(env, key)
+        digest = _digest([sms, points, host, probe])
         if existing.get(key, {}).get("points_digest") == digest:
             summary.unchanged += 1
         else:
@@ -116,7 +115,7 @@ def fit_db(db: LatencyDB, env: str, on_unit: Callable[[], None] | None = None) -
             model = fit_unit(sig["kind"], unit_vars(sig["canonical"]), X, flops, moved,
                              np.array([ms for _, ms in grid]))
             payload = {"gpu": model.to_json(),
-                       "host_ms": float(np.median(host)) if host else 0.0,
+                       "host_ms": host_at_speed(host, probe),
                        "key_classes": classes, "fit_version": FIT_VERSION}
             rows.append((key, model.method, payload, model.cv_mape, len(points), digest))
             summary.fitted.append({"signature": key, "kind": sig["kind"],
@@ -128,6 +127,15 @@ def fit_db(db: LatencyDB, env: str, on_unit: Callable[[], None] | None = None) -
         db.save_fits(env, rows)
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def host_at_speed(host: Sequence[tuple[float, float | None]], probe: float | None) -> float:
+    """A unit's host ms at the host speed `probe` (the environment's median host probe):
+    the median over its points of host ms × `probe` / the probe measured beside it; points
+    recorded without a probe count as measured, and only when no point has one."""
+    scaled = [ms * probe / own for ms, own in host if own and probe]
+    values = scaled or [ms for ms, _ in host]
+    return float(np.median(values)) if values else 0.0
 
 
 def environment_sms(db: LatencyDB, env: str) -> int | None:
@@ -182,6 +190,12 @@ class Loaded:
     engine_units: dict[tuple[str, str], list[Use]] = field(default_factory=dict)
     """The engine's own per-step host work before the forward (`engine_prepare`) per (phase,
     regime): serial with the forward, so not part of `uses` either."""
+    host_probe_ms: float | None = None
+    """The environment's host speed (`LatencyDB.host_probe_ms`): its units' host times are
+    at this speed."""
+    host_scale: float = 1.0
+    """Host-side times (issue, batch preparation, shape setup) are predicted × this: 1 at the
+    environment's host speed; see `at_host_speed`."""
 
     @property
     def window(self) -> int | None:
@@ -226,7 +240,19 @@ def load(db: LatencyDB, model: str, env: str, engine: str) -> Loaded:
         fits[key] = UnitFit(sig["kind"], sig["canonical"], unit_vars(sig["canonical"]),
                             LatencyModel.from_json(model_json["gpu"]), model_json["host_ms"],
                             stored[key]["cv_mape"], model_json.get("key_classes", {}), sms)
-    return Loaded(model, engine, env, config, uses, fits, missing, builds, engine_units)
+    return Loaded(model, engine, env, config, uses, fits, missing, builds, engine_units,
+                  db.host_probe_ms(env))
+
+
+def at_host_speed(loaded: Loaded, probe_ms: float | None) -> Loaded:
+    """`loaded` predicting for a host whose probe (`hostinfo.host_probe_ms`) takes `probe_ms`:
+    host-side times scale by `probe_ms` over the environment's own. Unchanged when either is
+    unknown."""
+    if probe_ms is not None and probe_ms <= 0:
+        raise UserError(f"a host probe time must be positive, not {probe_ms}")
+    if probe_ms is None or not loaded.host_probe_ms:
+        return loaded
+    return replace(loaded, host_scale=probe_ms / loaded.host_probe_ms)
 
 
 # --- predict -------------------------------------------------------------------------------------
@@ -354,10 +380,11 @@ def predict_uses(loaded: Loaded, uses: Sequence[Use], values: dict,
         fit = loaded.fits[use.signature]
         point = unit_point(fit, use, values, skew)
         ms = unit_ms(fit, point, values.get("keys"))
+        host_ms = fit.host_ms * loaded.host_scale
         units.append(UnitStep(use.role, fit.kind, use.signature, use.count, point, ms,
-                              fit.host_ms, not fit.gpu.in_range(point)))
+                              host_ms, not fit.gpu.in_range(point)))
         gpu += use.count * ms
-        host += use.count * fit.host_ms
+        host += use.count * host_ms
     return units, gpu, host
 
 
@@ -369,7 +396,8 @@ def predict_at(loaded: Loaded, phase: str, values: dict, skew: float = DEFAULT_S
     # The shape setup is the host time of the attention's first call at a new shape; the
     # preparation is host work end to end, so its timed latency is its cost.
     setup = predict_uses(loaded, loaded.builds.get((phase, regime), []), values)[2]
-    prepare = predict_uses(loaded, loaded.engine_units.get((phase, regime), []), values)[1]
+    prepare = predict_uses(loaded, loaded.engine_units.get((phase, regime), []),
+                           values)[1] * loaded.host_scale
     return Step(phase, regime, values, units, gpu, host, prepare, setup)
 
 

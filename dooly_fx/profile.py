@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from queue import Empty
+from typing import TypeVar
 
 import torch
 
@@ -37,7 +38,7 @@ from dooly_fx.passes.signature import binding, signature, signature_of
 from dooly_fx.passes.taint import META_KEY, Config, TensorLabel, taint
 from dooly_fx.spec import ModelSpec
 from dooly_fx.sweep import Bounds, points, sweep_points
-from dooly_fx.timing import measure
+from dooly_fx.timing import host_issue, measure
 
 TIMING_VERSION = 2
 """Bumped when the timing method changes, so old timings never answer for new ones."""
@@ -468,10 +469,18 @@ def _measure_batch(db, case, claimed, env, device, run_id, result, on_point, bud
 def _measure_point(case: UnitCase, point: dict, device: str,
                    budget_ms: tuple[float, float]) -> Timing | str:
     """A Timing, 'oom', or a one-line error; a point is never timed before its check passes."""
+    return _run_point(case, point, device, lambda fn: measure(
+        fn, device, warmup_ms=budget_ms[0], rep_ms=budget_ms[1]))
+
+
+def _run_point(case: UnitCase, point: dict, device: str, timed: Callable[[Callable], T]
+               ) -> T | str:
+    """`timed(fn)` of the point's runnable once its check passed; 'oom', or a one-line
+    error."""
     try:
         runnable = lower(case, point, device)
         runnable.check()
-        return measure(runnable.fn, device, warmup_ms=budget_ms[0], rep_ms=budget_ms[1])
+        return timed(runnable.fn)
     except torch.cuda.OutOfMemoryError:
         return "oom"
     except (RuntimeError, AssertionError, ValueError, TypeError, IndexError) as exc:
@@ -482,6 +491,59 @@ def _measure_point(case: UnitCase, point: dict, device: str,
     finally:
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
+
+
+T = TypeVar("T")
+
+REFRESH_POINTS = 3
+"""Points per signature whose host time `refresh_host` measures again."""
+
+
+def refresh_host(db: LatencyDB, coll: Collection, env: Env, device: str, command: str,
+                 on_point: Callable[[], None] | None = None) -> tuple[int, int]:
+    """Measure the host time again, beside a host probe, at up to `REFRESH_POINTS` measured
+    points (spread over the sweep) of each case whose points were recorded without a probe
+    (profiled before probes were); their GPU times stay. One transaction per case, recorded
+    as a run. Returns (signatures, points) re-measured."""
+    todo = {case.key: _refresh_points(db, env, case.key) for case in coll.cases.values()}
+    run_id = db.start_run(env.fingerprint, command)
+    status, done = "done", (0, 0)
+    try:
+        for case in coll.cases.values():
+            rows, started = [], time.perf_counter()
+            for text in todo[case.key]:
+                outcome = _run_point(case, json.loads(text), device,
+                                     lambda fn: host_issue(fn, device))
+                if isinstance(outcome, tuple):
+                    rows.append((text, *outcome))
+                if on_point:
+                    on_point()
+            if rows:
+                db.set_host(env.fingerprint, case.key, rows, run_id,
+                            time.perf_counter() - started)
+                done = (done[0] + 1, done[1] + len(rows))
+    except BaseException:
+        status = "interrupted"
+        raise
+    finally:
+        db.finish_run(run_id, status)
+    return done
+
+
+def refresh_todo(db: LatencyDB, coll: Collection, env: Env) -> int:
+    """How many points `refresh_host` would measure."""
+    return sum(len(_refresh_points(db, env, c.key)) for c in coll.cases.values())
+
+
+def _refresh_points(db: LatencyDB, env: Env, key: str) -> list[str]:
+    """Up to `REFRESH_POINTS` of a signature's unprobed points, from its smallest to its
+    largest, evenly spaced."""
+    texts = sorted(db.host_unprobed(env.fingerprint, key),
+                   key=lambda t: sorted(json.loads(t).items()))
+    n = REFRESH_POINTS
+    if len(texts) <= n:
+        return texts
+    return [texts[round(i * (len(texts) - 1) / (n - 1))] for i in range(n)]
 
 
 def profile_worker(args: tuple) -> ProfileResult:

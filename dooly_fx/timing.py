@@ -7,7 +7,9 @@
   be captured (host syncs, data-dependent shapes) are timed on direct calls instead;
 * CPU: `time.perf_counter` around each call.
 It also returns `host_ms`, the host cost of issuing one call eagerly, which a launch-bound
-engine pays whether or not the GPU is busy; the predictor combines the two.
+engine pays whether or not the GPU is busy; the predictor combines the two. Host costs move
+with the host's speed of the moment, so `host_probe_ms` (`hostinfo.host_probe_ms`, run beside
+each issue timed) says how fast the host was while `host_ms` was measured.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from collections.abc import Callable
 import torch
 
 from dooly_fx.db import Timing
+from dooly_fx.hostinfo import host_probe_ms
 
 _L2_FLUSH_BYTES = 256 * 1024 * 1024
 
@@ -38,12 +41,12 @@ def measure(
     return _measure_cpu(fn, warmup_ms, rep_ms, min_samples, max_samples)
 
 
-def _summary(samples: list[float], host_ms: float | None) -> Timing:
+def _summary(samples: list[float], host: tuple[float, float]) -> Timing:
     return Timing(
         median_ms=statistics.median(samples), mean_ms=statistics.fmean(samples),
         min_ms=min(samples), max_ms=max(samples),
         std_ms=statistics.pstdev(samples) if len(samples) > 1 else 0.0, n=len(samples),
-        host_ms=host_ms)
+        host_ms=host[0], host_probe_ms=host[1])
 
 
 def _count(estimate_ms: float, budget_ms: float, low: int, high: int) -> int:
@@ -62,7 +65,7 @@ def _measure_cpu(fn, warmup_ms, rep_ms, min_samples, max_samples) -> Timing:
         t0 = time.perf_counter()
         fn()
         samples.append((time.perf_counter() - t0) * 1e3)
-    return _summary(samples, host_ms=statistics.median(samples))
+    return _summary(samples, (statistics.median(samples), host_probe_ms(5)))
 
 
 def _measure_cuda(fn, device, warmup_ms, rep_ms, min_samples, max_samples, graphs) -> Timing:
@@ -70,7 +73,7 @@ def _measure_cuda(fn, device, warmup_ms, rep_ms, min_samples, max_samples, graph
     cache = torch.empty(_L2_FLUSH_BYTES, dtype=torch.int8, device=device)
     fn()  # first call: lazy initialisation, autotuning
     torch.cuda.synchronize(device)
-    host_ms = _host_issue_ms(fn, device)
+    host = host_issue(fn, device)
     run = (_graph_replay(fn, device) if graphs else None) or fn
     # Estimate one call, then warm up for the budget.
     first = torch.cuda.Event(enable_timing=True)
@@ -94,18 +97,24 @@ def _measure_cuda(fn, device, warmup_ms, rep_ms, min_samples, max_samples, graph
         ends[i].record()
     torch.cuda.synchronize(device)
     samples = [s.elapsed_time(e) for s, e in zip(starts, ends, strict=True)]
-    return _summary(samples, host_ms)
+    return _summary(samples, host)
 
 
-def _host_issue_ms(fn, device, calls: int = 20) -> float:
-    """Median host time to issue one call while the GPU keeps up (eager dispatch cost)."""
+def host_issue(fn, device, calls: int = 20, probes: int = 3) -> tuple[float, float]:
+    """(host ms, probe ms): the median host time to issue one call while the GPU keeps up
+    (eager dispatch cost), calls back to back as an engine makes them, and the median of
+    host probes run just before and just after them. (A probe between calls would leave
+    each call to run on caches the probe took over, which the engine's calls do not.)"""
+    before = [host_probe_ms() for _ in range(probes)]
     samples = []
     for _ in range(calls):
         t0 = time.perf_counter()
         fn()
         samples.append((time.perf_counter() - t0) * 1e3)
-        torch.cuda.synchronize(device)
-    return statistics.median(samples)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize(device)
+    after = [host_probe_ms() for _ in range(probes)]
+    return statistics.median(samples), statistics.median(before + after)
 
 
 def _graph_replay(fn, device) -> Callable[[], object] | None:

@@ -13,7 +13,9 @@ window), equal-length sequences only. The paged engine (continuous batching, `pa
 engine's own scheduler, paged cache and I/O objects (`paged.EngineBatch`): batch
 preparation, forward, sampling, outputs back to the host. Each step is timed from an idle GPU
 with CUDA events (so host-bound steps count their issue time): its first run is kept apart
-(`first_ms`), then warm-up, then the median of `reps`.
+(`first_ms`), then warm-up, then the median of `reps`. A host probe before each rep
+(`hostinfo.host_probe_ms`) records how fast the host was, so that a host-bound step can be
+predicted for the host it ran on as well as for the DB's (`compare`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import torch
 
 from dooly_fx.engine import EngineProfile
 from dooly_fx.errors import UserError
+from dooly_fx.hostinfo import host_probe_ms
 from dooly_fx.spec import ModelSpec
 
 _ITEM = re.compile(r"^(?:(prefill|decode|mixed):)?(\d+)x(\d+)(?:\+(\d+))?$")
@@ -94,6 +97,9 @@ class MeasuredStep:
     first_ms: float | None = None
     """The step's first run, before its warm-up: in the paged engine, at an attention shape
     the engine had not seen (cuDNN graph builds and the like)."""
+    host_probe_ms: float | None = None
+    """How fast the host was while the step ran: the median host probe
+    (`hostinfo.host_probe_ms`) run before each timed rep."""
 
 
 def build_model(spec: ModelSpec, engine: EngineProfile, device: str,
@@ -184,15 +190,17 @@ def measure_steps(spec: ModelSpec, engine: EngineProfile, steps: Sequence[str], 
     for text in steps:
         batch = parse_batch(text)
         try:
-            times = []
+            times, probes = [], []
             gc.collect()
             gc.disable()  # a collection inside a timed step would be noise, not the engine
             with torch.inference_mode():
                 for call in itertools.islice(calls(batch), warmup + reps):
+                    probes.append(host_probe_ms())
                     times.append(timer(call))
             out.append(MeasuredStep(text, batch, statistics.median(times[warmup:]),
                                     min(times[warmup:]), max(times[warmup:]), reps,
-                                    first_ms=times[0]))
+                                    first_ms=times[0],
+                                    host_probe_ms=statistics.median(probes[warmup:])))
         except torch.cuda.OutOfMemoryError:
             out.append(MeasuredStep(text, batch, float("nan"), float("nan"), float("nan"), 0,
                                     skipped="out of memory"))
@@ -318,10 +326,12 @@ def compare(loaded, measured: Sequence[MeasuredStep]) -> dict:
     """Per-step prediction error of `loaded` (a `predict.Loaded`) against measured steps;
     median and p90 absolute percentage error over the steps that ran. Where the prediction
     has a per-shape setup (`Step.setup_ms`) and the step's first run was recorded, that run
-    is compared with the prediction plus the setup as well (`first_error`)."""
-    from dooly_fx.predict import predict_step
+    is compared with the prediction plus the setup as well (`first_error`). Where the host's
+    speed was measured beside the step (`MeasuredStep.host_probe_ms`), the step is predicted
+    again for a host of that speed (`predict.at_host_speed`: `at_host_ms`, `at_host_error`)."""
+    from dooly_fx.predict import at_host_speed, predict_step
 
-    rows, errors, first = [], [], []
+    rows, errors, first, at_host = [], [], [], []
     for m in measured:
         row = asdict(m)
         if m.skipped is None:
@@ -332,6 +342,12 @@ def compare(loaded, measured: Sequence[MeasuredStep]) -> dict:
                        host_ms=step.host_ms, prepare_ms=step.prepare_ms,
                        setup_ms=step.setup_ms, error=error,
                        extrapolated=any(u.extrapolated for u in step.units))
+            if m.host_probe_ms and loaded.host_probe_ms:
+                timed = at_host_speed(loaded, m.host_probe_ms)
+                row["at_host_ms"] = predict_step(timed, m.batch).total_ms
+                row["at_host_error"] = (row["at_host_ms"] - m.median_ms) / m.median_ms
+                row["host_scale"] = timed.host_scale
+                at_host.append(abs(row["at_host_error"]))
             if step.setup_ms and m.first_ms:
                 row["first_error"] = (step.total_ms + step.setup_ms - m.first_ms) / m.first_ms
                 first.append(abs(row["first_error"]))
@@ -343,4 +359,7 @@ def compare(loaded, measured: Sequence[MeasuredStep]) -> dict:
     }
     if first:
         report["first_median_ape"] = float(np.median(first))
+    if at_host:
+        report["at_host_median_ape"] = float(np.median(at_host))
+        report["at_host_p90_ape"] = float(np.percentile(at_host, 90))
     return report

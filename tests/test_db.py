@@ -33,7 +33,7 @@ def test_new_db_is_wal_and_versioned(tmp_path):
     with _fresh(tmp_path / "lat.db") as db:
         assert db.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         meta = dict(db.conn.execute("SELECT key, value FROM meta").fetchall())
-    assert meta == {"app": "dooly_fx latency db", "schema_version": "3"}
+    assert meta == {"app": "dooly_fx latency db", "schema_version": "4"}
 
 
 @pytest.mark.parametrize("content", [b"not a database at all\n" * 50, b"SQLite format 3\x00junk"])
@@ -182,7 +182,7 @@ def test_v1_db_is_refused_then_upgraded_in_place(tmp_path):
         LatencyDB.open(path)
     assert path.read_bytes() == before
 
-    assert upgrade(path) == (1, 3)
+    assert upgrade(path) == (1, 4)
     new_env = fingerprint({"device": "cpu"})
     with LatencyDB.open(path) as db:
         assert [e["fingerprint"] for e in db.environments()] == [new_env]
@@ -195,6 +195,34 @@ def test_v1_db_is_refused_then_upgraded_in_place(tmp_path):
         assert db.conn.execute("SELECT env FROM runs").fetchone()[0] == new_env
         assert json.loads(db.conn.execute("SELECT info FROM environments").fetchone()[0]) == \
             {"device": "cpu"}
+
+
+def test_v3_db_upgrades_to_host_probes_and_refresh_sets_them(tmp_path):
+    """v3 points had no host probe: the upgrade keeps them, with none; `set_host` gives
+    measured points a new host time and probe in one go, and the environment's host speed
+    is the median probe."""
+    from dooly_fx.db import upgrade
+
+    path = tmp_path / "v3.db"
+    with _fresh(path) as db:
+        run = db.start_run(ENV, "profile")
+        db.claim(ENV, SIG, POINTS[:3], run)
+        db.record(ENV, SIG, [(p, _timing(1.0)) for p in POINTS[:3]], run, 0.5)
+        db.conn.execute("ALTER TABLE points DROP COLUMN host_probe_ms")
+        db.conn.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
+    with pytest.raises(UserError, match="upgrade-db"):
+        LatencyDB.open(path)
+    assert upgrade(path) == (3, 4)
+    with LatencyDB.open(path) as db:
+        assert db.host_points(ENV, SIG) == [(0.01, None)] * 3
+        assert db.host_probe_ms(ENV) is None
+        assert db.host_unprobed(ENV, SIG) == sorted(POINTS[:3])
+        run = db.start_run(ENV, "refresh")
+        db.set_host(ENV, SIG, [(POINTS[0], 0.02, 0.5), (POINTS[1], 0.03, 0.7)], run, 0.1)
+        assert sorted(db.host_points(ENV, SIG)) == [(0.01, None), (0.02, 0.5), (0.03, 0.7)]
+        assert db.host_probe_ms(ENV) == pytest.approx(0.6)
+        assert db.host_unprobed(ENV, SIG) == []
+        assert [m for _, m in db.ok_points(ENV, SIG)] == [1.0] * 3
 
 
 def test_a_db_file_another_profiler_is_still_creating_is_opened_not_refused(tmp_path):

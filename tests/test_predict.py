@@ -14,7 +14,15 @@ from dooly_fx.db import LatencyDB
 from dooly_fx.engine import EngineProfile
 from dooly_fx.errors import UserError
 from dooly_fx.passes.signature import _is_token_count
-from dooly_fx.predict import FlatStepTime, batch_values, fit_db, load, predict_step
+from dooly_fx.predict import (
+    FlatStepTime,
+    at_host_speed,
+    batch_values,
+    fit_db,
+    host_at_speed,
+    load,
+    predict_step,
+)
 from dooly_fx.profile import collect, environment, profile
 from dooly_fx.sweep import Bounds
 from dooly_fx.validate import parse_batch
@@ -193,6 +201,30 @@ def test_unit_fidelity_attributes_each_leaf_modules_time_in_the_step(tiny_db):
         assert row["error"] == pytest.approx(row["predicted_ms"] / row["in_step_ms"] - 1)
 
 
+def test_host_times_are_at_the_environments_host_speed(tiny_db):
+    """A unit's host time is the median of its points' host times, each brought from the
+    host probe measured beside it to the environment's median probe; a prediction for a
+    host twice as slow doubles every host-side time and no GPU time."""
+    assert host_at_speed([(2.0, 1.0), (3.0, 2.0), (4.0, None)], 1.5) == 2.625
+    assert host_at_speed([(2.0, None), (4.0, None)], 1.5) == 3.0
+    assert host_at_speed([(2.0, 1.0)], None) == 2.0 and host_at_speed([], 1.0) == 0.0
+    path, spec, env, *_ = tiny_db
+    with LatencyDB.open(path) as db:
+        probe = db.host_probe_ms(env.fingerprint)
+        fits = db.fits(env.fingerprint)
+        key = next(iter(fits))
+        assert fits[key]["model"]["host_ms"] == host_at_speed(
+            db.host_points(env.fingerprint, key), probe)
+        loaded = load(db, spec.name, env.fingerprint, EngineProfile().label)
+    assert probe > 0 and loaded.host_probe_ms == probe and loaded.host_scale == 1.0
+    base = predict_step(loaded, [(1, 32)] * 2)
+    slow = predict_step(at_host_speed(loaded, 2 * probe), [(1, 32)] * 2)
+    assert slow.host_ms == pytest.approx(2 * base.host_ms) and slow.gpu_ms == base.gpu_ms
+    assert at_host_speed(loaded, None) is loaded
+    with pytest.raises(UserError, match="positive"):
+        at_host_speed(loaded, -1.0)
+
+
 def test_load_refuses_a_model_or_engine_not_profiled(tiny_db):
     path, spec, env, *_ = tiny_db
     with LatencyDB.open(path) as db, pytest.raises(UserError, match="not profiled"):
@@ -216,6 +248,15 @@ def test_predict_cli_json_contract_and_bad_batch(tiny_db, tmp_path):
     assert all(u["gpu_ms"] > 0 for u in report["units"])
     bad = _cli("predict", spec.name, "--db", str(path), "--device", "cpu", "--batch", "2y3")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "bad batch" in bad.stderr
+    slow = tmp_path / "slow.json"
+    result = _cli("predict", spec.name, "--db", str(path), "--device", "cpu",
+                  "--batch", "decode:2x32", "--host-probe", "1000", "--json", str(slow))
+    assert result.returncode == 0, result.stderr
+    assert "1000.000 ms per host probe" in result.stdout
+    assert json.loads(slow.read_text())["host_ms"] > report["host_ms"]
+    bad = _cli("predict", spec.name, "--db", str(path), "--device", "cpu", "--batch",
+               "decode:2x32", "--host-probe", "fast")
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--host-probe" in bad.stderr
 
 
 def test_coverage_cli_reports_every_unit_with_plots(tiny_db, tmp_path):
@@ -376,9 +417,14 @@ def test_validate_steps_times_whole_paged_engine_steps(paged_db, tmp_path):
         ("decode", [[1, 16], [1, 33]]), ("mixed", [[4, 20], [1, 30]])]
     for s in report["steps"]:
         assert s["median_ms"] > 0 and s["first_ms"] > 0 and s["reps"] == 2
+        # predicted again for the host's speed while the step ran
+        assert s["host_probe_ms"] > 0 and s["host_scale"] > 0
+        assert s["at_host_error"] == pytest.approx((s["at_host_ms"] - s["median_ms"])
+                                                   / s["median_ms"])
         assert s["prepare_ms"] > 0 and s["setup_ms"] == 0.0  # paged|eager: no shape setup
         assert s["predicted_ms"] == pytest.approx(s["prepare_ms"] + max(s["gpu_ms"],
                                                                         s["host_ms"]))
+    assert report["at_host_median_ape"] >= 0
     result = _cli(*base, "--measured", str(out), "--json", str(again))
     assert result.returncode == 0, result.stderr
     assert json.loads(again.read_text())["steps"] == report["steps"]

@@ -94,6 +94,44 @@ def test_profile_cli_then_nothing_left(tmp_path):
     assert 0.0 <= report["saving"] <= 1.0
 
 
+def test_refresh_host_measures_host_times_again_beside_a_probe(tmp_path):
+    """Every point profiled now carries the host probe measured beside its host time. On
+    points recorded without one (a DB from before probes), `--refresh-host` measures the host
+    time again at up to 3 points per signature, smallest to largest, keeps every GPU time,
+    records a run, and the second time finds nothing to do."""
+    config = _config(tmp_path, "llama-3.1-8b")
+    db = str(tmp_path / "lat.db")
+    assert _cli("profile", config, "--db", db, "--device", "cpu", "--phase", "decode",
+                *BOUNDS, *QUICK).returncode == 0
+    with LatencyDB.open(db) as handle:
+        (env,) = [e["fingerprint"] for e in handle.environments()]
+        query = "SELECT signature, point, median_ms, host_probe_ms FROM points ORDER BY 1, 2"
+        before = handle.conn.execute(query).fetchall()
+        assert all(r["host_probe_ms"] > 0 for r in before)
+        handle.conn.execute("UPDATE points SET host_probe_ms = NULL")
+    result = _cli("profile", config, "--db", db, "--device", "cpu", "--phase", "decode",
+                  *BOUNDS, "--refresh-host")
+    assert result.returncode == 0, result.stderr
+    with LatencyDB.open(db) as handle:
+        after = handle.conn.execute(query).fetchall()
+        runs = [r[0] for r in handle.conn.execute("SELECT command FROM runs ORDER BY id")]
+    assert [tuple(r)[:3] for r in after] == [tuple(r)[:3] for r in before]
+    per_signature: dict[str, list[dict]] = {}
+    for r in after:
+        per_signature.setdefault(r["signature"], []).append(r)
+    for key, rows in per_signature.items():
+        probed = [json.loads(r["point"]) for r in rows if r["host_probe_ms"] is not None]
+        assert len(probed) == min(3, len(rows)), key
+        values = sorted(sorted(json.loads(r["point"]).items()) for r in rows)
+        ends = [sorted(p.items()) for p in probed]
+        assert values[0] in ends and values[-1] in ends, key
+    assert f"{len(per_signature)} signatures" in result.stdout
+    assert "--refresh-host" in runs[-1]
+    again = _cli("profile", config, "--db", db, "--device", "cpu", "--phase", "decode",
+                 *BOUNDS, "--refresh-host")
+    assert again.returncode == 0 and "nothing to refresh" in again.stdout
+
+
 def test_adaptive_sweep_refines_only_where_latency_bends():
     """Every other grid value first; then the values skipped beside a point off the log-log
     line through its measured neighbours (a bend), and nothing where the curve is straight."""
