@@ -213,17 +213,18 @@ def cmd_profile(args: argparse.Namespace) -> None:
 
 def _refresh_host(db, coll, env, device: str) -> None:
     """`profile --refresh-host`: host times measured again beside a host probe."""
-    from dooly_fx.profile import command_line, record_models, refresh_host, refresh_todo
+    from dooly_fx.profile import command_line, record_models, refresh_host, refresh_plan
 
     record_models(db, coll, env)
-    total = refresh_todo(db, coll, env)
+    todo = refresh_plan(db, coll, env)
+    total = sum(map(len, todo.values()))
     if total == 0:
         _out.print(f"every measured signature on {env.device} has host times with a host "
                    "probe; nothing to refresh")
         return
     with _progress(eta=True) as progress:
         task = progress.add_task(f"host times on {env.device}", total=total)
-        signatures, points = refresh_host(db, coll, env, device, command_line(),
+        signatures, points = refresh_host(db, coll, env, device, command_line(), todo,
                                           on_point=lambda: progress.advance(task))
     _out.print(f"host time measured again with a host probe at {points} points of "
                f"{signatures} signatures; run `python -m dooly_fx fit --db {db.path}`")

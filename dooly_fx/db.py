@@ -391,21 +391,21 @@ class LatencyDB:
             "AND status = 'ok' ORDER BY point", (env, signature))
         return [(json.loads(r["point"]), r["median_ms"]) for r in rows]
 
+    def _host_rows(self, env: str, signature: str) -> list[sqlite3.Row]:
+        return self.conn.execute(
+            "SELECT point, host_ms, host_probe_ms FROM points WHERE env = ? AND signature = ? "
+            "AND status = 'ok' AND host_ms IS NOT NULL ORDER BY point",
+            (env, signature)).fetchall()
+
     def host_points(self, env: str, signature: str) -> list[tuple[float, float | None]]:
         """(host ms, host probe ms or None) of every measured point of one signature that
         has a host time, in point order."""
-        rows = self.conn.execute(
-            "SELECT host_ms, host_probe_ms FROM points WHERE env = ? AND signature = ? "
-            "AND status = 'ok' AND host_ms IS NOT NULL ORDER BY point", (env, signature))
-        return [(r["host_ms"], r["host_probe_ms"]) for r in rows]
+        return [(r["host_ms"], r["host_probe_ms"]) for r in self._host_rows(env, signature)]
 
     def host_unprobed(self, env: str, signature: str) -> list[str]:
         """Measured points of one signature recorded without a host probe, in point order;
         none once any of its points has one."""
-        rows = self.conn.execute(
-            "SELECT point, host_probe_ms FROM points WHERE env = ? AND signature = ? "
-            "AND status = 'ok' AND host_ms IS NOT NULL ORDER BY point",
-            (env, signature)).fetchall()
+        rows = self._host_rows(env, signature)
         if any(r["host_probe_ms"] is not None for r in rows):
             return []
         return [r["point"] for r in rows]

@@ -180,7 +180,7 @@ def _paged_attention(case: UnitCase, point: Point, device: str) -> Runnable:
     engine_attention`): N sequences, T new tokens split evenly, P cached tokens each, on a
     `PagedAttentionCache` built by transformers; checked against plain attention first.
     A sliding-window layer (the op's first scalar) runs the engine's rolling-buffer path.
-    A point with `A` (a `paged.KEY_CLASSES` class) gives the first sequence up to 7 more
+    A point with `A` (a `costs.KEY_CLASSES` class) gives the first sequence up to 7 more
     cached tokens, so that the keys read, N·P + T, fall in that class."""
     from dooly_fx.costs import to_key_class
     from dooly_fx.paged import engine_attention

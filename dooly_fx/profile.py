@@ -37,8 +37,10 @@ from dooly_fx.passes.partition import partition, unit_outputs, unit_subgraph
 from dooly_fx.passes.signature import binding, signature, signature_of
 from dooly_fx.passes.taint import META_KEY, Config, TensorLabel, taint
 from dooly_fx.spec import ModelSpec
-from dooly_fx.sweep import Bounds, points, sweep_points
+from dooly_fx.sweep import Bounds, points, spread, sweep_points
 from dooly_fx.timing import host_issue, measure
+
+T = TypeVar("T")
 
 TIMING_VERSION = 2
 """Bumped when the timing method changes, so old timings never answer for new ones."""
@@ -493,25 +495,31 @@ def _run_point(case: UnitCase, point: dict, device: str, timed: Callable[[Callab
             torch.cuda.empty_cache()
 
 
-T = TypeVar("T")
+REFRESH_AT = (0.0, 0.5, 1.0)
+"""Where in a signature's points, smallest to largest, `refresh_host` measures again."""
 
-REFRESH_POINTS = 3
-"""Points per signature whose host time `refresh_host` measures again."""
+
+def refresh_plan(db: LatencyDB, coll: Collection, env: Env) -> dict[str, list[str]]:
+    """Per case, the points whose host time `refresh_host` would measure: of a signature
+    whose points were all recorded without a host probe (profiled before probes were), its
+    smallest, middle and largest."""
+    return {c.key: spread(sorted(db.host_unprobed(env.fingerprint, c.key),
+                                 key=lambda t: sorted(json.loads(t).items())), REFRESH_AT)
+            for c in coll.cases.values()}
 
 
 def refresh_host(db: LatencyDB, coll: Collection, env: Env, device: str, command: str,
-                 on_point: Callable[[], None] | None = None) -> tuple[int, int]:
-    """Measure the host time again, beside a host probe, at up to `REFRESH_POINTS` measured
-    points (spread over the sweep) of each case whose points were recorded without a probe
-    (profiled before probes were); their GPU times stay. One transaction per case, recorded
-    as a run. Returns (signatures, points) re-measured."""
-    todo = {case.key: _refresh_points(db, env, case.key) for case in coll.cases.values()}
+                 todo: dict[str, list[str]], on_point: Callable[[], None] | None = None
+                 ) -> tuple[int, int]:
+    """Measure the host time again, beside a host probe, at the points of `todo`
+    (`refresh_plan`); their GPU times stay. One transaction per case, recorded as a run.
+    Returns (signatures, points) re-measured."""
     run_id = db.start_run(env.fingerprint, command)
     status, done = "done", (0, 0)
     try:
         for case in coll.cases.values():
             rows, started = [], time.perf_counter()
-            for text in todo[case.key]:
+            for text in todo.get(case.key, []):
                 outcome = _run_point(case, json.loads(text), device,
                                      lambda fn: host_issue(fn, device))
                 if isinstance(outcome, tuple):
@@ -528,22 +536,6 @@ def refresh_host(db: LatencyDB, coll: Collection, env: Env, device: str, command
     finally:
         db.finish_run(run_id, status)
     return done
-
-
-def refresh_todo(db: LatencyDB, coll: Collection, env: Env) -> int:
-    """How many points `refresh_host` would measure."""
-    return sum(len(_refresh_points(db, env, c.key)) for c in coll.cases.values())
-
-
-def _refresh_points(db: LatencyDB, env: Env, key: str) -> list[str]:
-    """Up to `REFRESH_POINTS` of a signature's unprobed points, from its smallest to its
-    largest, evenly spaced."""
-    texts = sorted(db.host_unprobed(env.fingerprint, key),
-                   key=lambda t: sorted(json.loads(t).items()))
-    n = REFRESH_POINTS
-    if len(texts) <= n:
-        return texts
-    return [texts[round(i * (len(texts) - 1) / (n - 1))] for i in range(n)]
 
 
 def profile_worker(args: tuple) -> ProfileResult:

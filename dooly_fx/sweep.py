@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import sympy
@@ -103,14 +104,17 @@ def points(canonical: dict, bounds: Bounds) -> list[dict[str, int]]:
     return [p for p in out if _feasible(p, bounds)]
 
 
-def _spread(grid: list, fractions: tuple[float, ...]) -> list:
-    return sorted({grid[min(len(grid) - 1, round(f * (len(grid) - 1)))] for f in fractions})
+def spread(grid: Sequence, fractions: tuple[float, ...]) -> list:
+    """The values of `grid` (in its order) at `fractions` of the way from its first to its
+    last, each once."""
+    picked = {min(len(grid) - 1, round(f * (len(grid) - 1))) for f in fractions if grid}
+    return [grid[i] for i in sorted(picked)]
 
 
 def _key_class_points(canonical: dict, names: list[str], grids: list[list]) -> list[dict]:
     """Paged attention over a cache (P swept, no sliding window) reads N·P + T keys, a
     multiple of 8 at nearly every grid point; real steps read any count, and odd or unaligned
-    counts run slower kernels (`paged.KEY_CLASSES`). So a few grid points are measured again
+    counts run slower kernels (`costs.KEY_CLASSES`). So a few grid points are measured again
     in every key class (`A`): the query count (T, or N in a decode step) at three spread grid
     values, P at two, N (beside T) at one."""
     from dooly_fx.costs import KEY_CLASSES
@@ -120,7 +124,7 @@ def _key_class_points(canonical: dict, names: list[str], grids: list[list]) -> l
         return []
     queries = "T" if "T" in names else "N"
     picks = {"N": (1 / 2,), "P": (1 / 4, 3 / 4), queries: (1 / 6, 1 / 2, 5 / 6)}
-    chosen = [_spread(g, picks[n]) for n, g in zip(names, grids, strict=True)]
+    chosen = [spread(g, picks[n]) for n, g in zip(names, grids, strict=True)]
     return [{**dict(zip(names, values, strict=True)), "A": cls}
             for values in itertools.product(*chosen) for cls in KEY_CLASSES]
 

@@ -352,14 +352,17 @@ def compare(loaded, measured: Sequence[MeasuredStep]) -> dict:
                 row["first_error"] = (step.total_ms + step.setup_ms - m.first_ms) / m.first_ms
                 first.append(abs(row["first_error"]))
         rows.append(row)
-    report = {
-        "model": loaded.model, "engine": loaded.engine, "steps": rows,
-        "median_ape": float(np.median(errors)) if errors else None,
-        "p90_ape": float(np.percentile(errors, 90)) if errors else None,
-    }
+    report = {"model": loaded.model, "engine": loaded.engine, "steps": rows,
+              **_ape("", errors, always=True)}
     if first:
         report["first_median_ape"] = float(np.median(first))
-    if at_host:
-        report["at_host_median_ape"] = float(np.median(at_host))
-        report["at_host_p90_ape"] = float(np.percentile(at_host, 90))
-    return report
+    return {**report, **_ape("at_host_", at_host)}
+
+
+def _ape(prefix: str, errors: Sequence[float], always: bool = False) -> dict:
+    """{prefix}median_ape and {prefix}p90_ape of absolute errors (None, or nothing unless
+    `always`, when there are none)."""
+    if not errors:
+        return {f"{prefix}median_ape": None, f"{prefix}p90_ape": None} if always else {}
+    return {f"{prefix}median_ape": float(np.median(errors)),
+            f"{prefix}p90_ape": float(np.percentile(errors, 90))}
