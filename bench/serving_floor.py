@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from dooly_fx.db import LatencyDB
-from dooly_fx.predict import FlatStepTime, load
+from dooly_fx.predict import FlatStepTime, at_host_speed, load
 from dooly_fx.simulate import simulate
 from dooly_fx.validate_serving import Served, _metric, compare
 
@@ -101,7 +101,9 @@ def main() -> None:
     rows = []
     for path in sorted(args.runs.glob("serving_*.json")):
         served = _served(path)
-        loaded = load(db, served.model, env, served.engine)
+        # At the run's host speed where it recorded one, as validate-serving predicts it.
+        loaded = at_host_speed(load(db, served.model, env, served.engine),
+                               served.host_probe_ms)
         model, _ = compare(served, lambda loaded=loaded: FlatStepTime(loaded),
                            served.scheduler())
         replayed, hits = _replayed(served, loaded)

@@ -28,6 +28,15 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{x:+.1%}"
 
 
+def _host(h: dict) -> str:
+    """The host-speed cells of a run: its probe and the DB's, and the MAPEs at the DB's."""
+    if h.get("run_probe_ms") is None or not h.get("db_probe_ms"):
+        return "– | –"
+    db = h.get("at_db_speed", {})
+    return (f"{h['run_probe_ms']:.3f} / {h['db_probe_ms']:.3f} | {db['ttft_mape']:.1%} / "
+            f"{db['tpot_mape']:.1%}")
+
+
 def _cell(text: str) -> str:
     return text.replace("|", "\\|")
 
@@ -59,6 +68,7 @@ def main() -> None:
                "settings": r["settings"], "workload": r["workload"],
                "measured_on": r["measured_on"],
                "at_serving": {k: served[path.name][k]["mape"] for k in ("ttft", "tpot")},
+               "host_speed": r.get("host_speed", {}),
                "by_kind": s.get("by_kind", [])}
         rows.append(row)
         runs.append(r)
@@ -68,6 +78,11 @@ def main() -> None:
         "tpot_mape_median": float(np.median([r["tpot"]["mape"] for r in rows])),
         "step_mape_median": float(np.median([r["step_mape"] for r in rows])),
     }
+    at_db = [r["host_speed"]["at_db_speed"] for r in rows if "at_db_speed" in r["host_speed"]]
+    if at_db:
+        summary["at_db_speed"] = {"runs": len(at_db), **{
+            f"{k}_median": float(np.median([a[k] for a in at_db]))
+            for k in ("ttft_mape", "tpot_mape", "step_mape")}}
     machine = rows[0]["measured_on"]
     args.out.write_text(json.dumps({"summary": summary, "runs": rows}, indent=1) + "\n")
     counts = [r["workload"].get("num_requests") for r in rows]
@@ -94,11 +109,16 @@ def main() -> None:
         "- MAPE over requests; p50/p90 error = simulated percentile vs measured percentile; "
         "step MAPE = the step-time model on the engine's own recorded batches; at serving time = "
         "the same comparison made on the GPU machine right after the run, with the DB it was "
-        "given then", "",
+        "given then",
+        "- host probe = the run's host speed (the mean of the probes the engine's thread timed "
+        "between steps, each clipped at twice their median: `hostinfo.run_host_probe_ms`) and "
+        "the DB's; predictions are for the run's speed, and the last column makes them at the "
+        "DB's own speed instead", "",
         "| model | engine | predicted from | finished | TTFT MAPE | TTFT p50 | TTFT p90 | "
         "TPOT MAPE | TPOT p50 | TPOT p90 | step MAPE | step bias | measured step ms "
-        "(prepare + forward) | predicted step ms | TTFT / TPOT MAPE at serving time |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "(prepare + forward) | predicted step ms | TTFT / TPOT MAPE at serving time | "
+        "host probe ms (run / DB) | TTFT / TPOT MAPE at the DB's host speed |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         ms = r["step_ms"]
@@ -110,11 +130,17 @@ def main() -> None:
             f"{_pct(r['tpot']['p50_error'])} | {_pct(r['tpot']['p90_error'])} | "
             f"{r['step_mape']:.1%} | {_pct(r['step_bias'])} | {ms['mean']:.1f} "
             f"({ms['prepare']:.1f} + {ms['forward']:.1f}) | {r['predicted_step_ms']:.1f} | "
-            f"{r['at_serving']['ttft']:.1%} / {r['at_serving']['tpot']:.1%} |")
+            f"{r['at_serving']['ttft']:.1%} / {r['at_serving']['tpot']:.1%} | "
+            f"{_host(r['host_speed'])} |")
     lines += ["", f"Median over {summary['runs']} runs: TTFT MAPE "
                   f"{summary['ttft_mape_median']:.1%}, TPOT MAPE "
                   f"{summary['tpot_mape_median']:.1%}, step MAPE "
-                  f"{summary['step_mape_median']:.1%}.", ""]
+                  f"{summary['step_mape_median']:.1%}."
+              + ("" if not at_db else
+                 f" At the DB's host speed instead ({summary['at_db_speed']['runs']} runs with "
+                 f"probes): TTFT {summary['at_db_speed']['ttft_mape_median']:.1%}, TPOT "
+                 f"{summary['at_db_speed']['tpot_mape_median']:.1%}, step "
+                 f"{summary['at_db_speed']['step_mape_median']:.1%}."), ""]
     kinds = [k["kind"] for k in max((r["by_kind"] for r in rows), key=len)]
     if kinds:
         lines += ["Step time by kind of step, on the engine's own batches: steps, measured / "

@@ -6,6 +6,7 @@ import argparse
 from collections.abc import Callable
 
 from dooly_fx.engine import ATTN_IMPLS, ENGINES
+from dooly_fx.errors import UserError
 
 
 def add_verb(verbs, name: str, func: Callable[[argparse.Namespace], None],
@@ -28,3 +29,28 @@ def engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kernels", default="eager", choices=("eager", "triton"),
                         help="triton: the fused-engine variant (norms, SiLU·mul and rotary as "
                              "one Triton kernel each)")
+
+
+def host_probe_option(parser: argparse.ArgumentParser) -> None:
+    """`--host-probe MS|here` on a verb that predicts host-side times (`host_probe_arg`)."""
+    parser.add_argument("--host-probe", metavar="MS|here",
+                        help="predict host-side times for a host whose probe takes MS ms "
+                             "('here': this machine, measured now); default: the speed of the "
+                             "host the DB was profiled on")
+
+
+def host_probe_arg(text: str | None) -> float | None:
+    """`--host-probe`: None, a time in ms, or 'here' (this machine's probe, measured now)."""
+    from dooly_fx.hostinfo import host_probe_ms
+
+    if text is None:
+        return None
+    if text == "here":
+        return host_probe_ms(21)
+    try:
+        value = float(text)
+    except ValueError:
+        raise UserError(f"--host-probe: {text!r} is neither a time in ms nor 'here'") from None
+    if not value > 0:
+        raise UserError(f"--host-probe: {text} ms; give a positive time")
+    return value

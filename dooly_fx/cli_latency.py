@@ -8,7 +8,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from dooly_fx.cli_args import add_verb, engine_args
+from dooly_fx.cli_args import add_verb, engine_args, host_probe_arg, host_probe_option
 from dooly_fx.db import LatencyDB
 from dooly_fx.engine import EngineProfile
 from dooly_fx.errors import UserError
@@ -158,23 +158,6 @@ def cmd_predict(args: argparse.Namespace) -> None:
     if args.json:
         write_json(args.json, {"model": name, "environment": env["fingerprint"],
                                "device": env["device"], "batch": batch, **step.to_json()})
-
-
-def host_probe_arg(text: str | None) -> float | None:
-    """`--host-probe`: None, a time in ms, or 'here' (this machine's probe, measured now)."""
-    from dooly_fx.hostinfo import host_probe_ms
-
-    if text is None:
-        return None
-    if text == "here":
-        return host_probe_ms(21)
-    try:
-        value = float(text)
-    except ValueError:
-        raise UserError(f"--host-probe: {text!r} is neither a time in ms nor 'here'") from None
-    if not value > 0:
-        raise UserError(f"--host-probe: {text} ms; give a positive time")
-    return value
 
 
 def cmd_validate_steps(args: argparse.Namespace) -> None:
@@ -359,10 +342,7 @@ def add_verbs(verbs) -> None:
                               help="e.g. prefill:2x512 or decode:30x1024 or mixed:2x256+1024")
             verb.add_argument("--skew", type=float, default=0.0,
                               help="MoE routing skew (Zipf exponent; 0 = uniform)")
-            verb.add_argument("--host-probe", metavar="MS|here",
-                              help="predict host-side times for a host whose probe takes MS "
-                                   "ms ('here': this machine, measured now); default: the "
-                                   "speed of the host the DB was profiled on")
+            host_probe_option(verb)
         else:
             verb.add_argument("--steps", metavar="SPECS",
                               help="';'-separated batch specs (default: a standard set)")

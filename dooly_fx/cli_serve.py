@@ -11,7 +11,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from dooly_fx.cli_args import add_verb, engine_args
+from dooly_fx.cli_args import add_verb, engine_args, host_probe_arg, host_probe_option
 from dooly_fx.db import SHIPPED_DB, LatencyDB
 from dooly_fx.errors import UserError
 from dooly_fx.ui import err, out, progress, write_json
@@ -87,13 +87,15 @@ def cmd_simulate(args: argparse.Namespace) -> None:
         python -m dooly_fx simulate qwen2.5-7b --qps 8 --arrival gamma --cv 2 \\
             --chrome-trace run.trace.json --plot run.png
     """
-    from dooly_fx.predict import FlatStepTime
+    from dooly_fx.predict import FlatStepTime, at_host_speed
     from dooly_fx.simulate import simulate
 
     reqs, workload = _requests(args)
+    probe = host_probe_arg(args.host_probe)
     with _open_db(args.db) as db:
         env, loaded = _loaded(db, args)
         cfg, kv = _scheduler(args, db, env, loaded)
+    loaded = at_host_speed(loaded, probe)
     step_time = FlatStepTime(loaded)
     started = time.perf_counter()
     with err.status(f"simulating {len(reqs)} requests"):
@@ -103,7 +105,8 @@ def cmd_simulate(args: argparse.Namespace) -> None:
     payload = {**summary, "model": loaded.model, "device": env["device"],
                "environment": env["fingerprint"], "engine": loaded.engine,
                "step_time": "FlatStepTime", "workload": workload, "scheduler": asdict(cfg),
-               "kv_cache": kv, "wall_s": wall}
+               "kv_cache": kv, "wall_s": wall,
+               "host_probe_ms": loaded.host_probe_ms and loaded.host_probe_ms * loaded.host_scale}
     _print_simulation(payload)
     if args.json:
         write_json(args.json, payload)
@@ -149,6 +152,8 @@ def _print_simulation(p: dict) -> None:
         ("preemptions", f"{p['preemptions']} ({p['preempted_requests']} requests)"),
         ("KV cache", f"{kv['num_blocks']} blocks × {kv['block_size']} tokens, peak "
                      f"{p['kv_blocks']['peak']} ({kv['source']})"),
+        ("host speed", "-" if not p["host_probe_ms"] else
+         f"{p['host_probe_ms']:.3f} ms per host probe"),
         ("wall time", f"{p['wall_s']:.2f} s"),
     ]
     for row in rows:
@@ -275,7 +280,7 @@ def cmd_validate_serving(args: argparse.Namespace) -> None:
     """
     from dooly_fx.cli_latency import _environment, model_name, model_spec
     from dooly_fx.engine import EngineProfile
-    from dooly_fx.predict import FlatStepTime
+    from dooly_fx.predict import FlatStepTime, at_host_speed
     from dooly_fx.validate_serving import Served, compare, serve
 
     with _open_db(args.db) as db:
@@ -304,12 +309,22 @@ def cmd_validate_serving(args: argparse.Namespace) -> None:
                            block_size=args.block_size, time_limit_s=args.time_limit,
                            on_done=lambda n: bar.update(task, completed=n))
     st = served.settings
-    report, result = compare(served, lambda: FlatStepTime(loaded), served.scheduler())
+    at_host = at_host_speed(loaded, served.host_probe_ms)
+    report, result = compare(served, lambda: FlatStepTime(at_host), served.scheduler())
+    host = {"run_probe_ms": served.host_probe_ms, "db_probe_ms": loaded.host_probe_ms,
+            "host_scale": at_host.host_scale,
+            "probes": sum(s.host_probe_ms is not None for s in served.steps)}
+    if at_host is not loaded:  # also at the DB's own host speed, to show what it changes
+        at_db, _ = compare(served, lambda: FlatStepTime(loaded), served.scheduler())
+        host["at_db_speed"] = {"ttft_mape": at_db["ttft"]["mape"],
+                               "tpot_mape": at_db["tpot"]["mape"],
+                               "step_mape": at_db["steps"].get("mape")}
     payload = {"model": name, "device": env["device"], "environment": env["fingerprint"],
                "engine": served.engine, "predicted_from": loaded.engine,
                "measured_on": served.machine, "workload": workload, "settings": st,
                "timed_out": served.timed_out, "wall_s": served.wall_s, **report,
-               "simulated": result.summary(), "measured": served.to_json()}
+               "host_speed": host, "simulated": result.summary(),
+               "measured": served.to_json()}
     _print_serving(payload)
     if args.json:
         write_json(args.json, payload)
@@ -357,6 +372,13 @@ def _print_serving(p: dict) -> None:
                       "ms (new shapes' setup: the shape_build units)")
     out.print(f"{p['finished']}/{p['requests']} requests finished in {p['wall_s']:.1f} s"
               + (" (time limit reached)" if p["timed_out"] else ""))
+    host = p["host_speed"]
+    if host["run_probe_ms"] is not None and host["db_probe_ms"]:
+        db = host.get("at_db_speed", {})
+        out.print(f"predicted at the run's host speed: probe {host['run_probe_ms']:.3f} ms "
+                  f"(from {host['probes']} probes) vs the DB's {host['db_probe_ms']:.3f} ms, "
+                  f"host-side times ×{host['host_scale']:.2f}; at the DB's speed TTFT / TPOT "
+                  f"MAPE {_pct(db.get('ttft_mape'))} / {_pct(db.get('tpot_mape'))}")
     alloc = p["measured"].get("allocator")
     if alloc:
         out.print(f"CUDA allocator during the run: {alloc['device_mallocs']} device mallocs, "
@@ -425,6 +447,7 @@ def add_verbs(verbs) -> None:
     sim.add_argument("--device", default="cuda", choices=("cpu", "cuda"),
                      help="which of the DB's environments to predict for")
     engine_args(sim)
+    host_probe_option(sim)
     _workload_args(sim, required=True)
     sched = sim.add_argument_group("scheduler")
     sched.add_argument("--policy", default="transformers", choices=PRESET_NAMES,

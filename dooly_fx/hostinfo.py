@@ -5,6 +5,7 @@ from __future__ import annotations
 import platform
 import statistics
 import time
+from collections.abc import Sequence
 
 
 def cpu_name() -> str:
@@ -47,6 +48,18 @@ def host_probe_ms(runs: int = 1) -> float:
             total += i * i
         samples.append((time.perf_counter() - start) * 1e3)
     return statistics.median(samples)
+
+
+def run_host_probe_ms(probes: Sequence[float]) -> float | None:
+    """The host speed of a stretch of work from probes sampled through it (None: no probe):
+    their mean, each clipped at twice their median. The host switches between speeds from
+    one second to the next, and time adds up, so the mean weighs each speed by how long the
+    work ran at it (a median would keep only the majority speed); a probe caught in a stall
+    (a GC pause, another thread holding the GIL) is clipped, since it says nothing of speed."""
+    if not probes:
+        return None
+    cap = 2 * statistics.median(probes)
+    return statistics.fmean(min(p, cap) for p in probes)
 
 
 DEVICE_SMS = {"H100 80GB HBM3": 132, "H100 SXM": 132, "H100 PCIe": 114, "H100 NVL": 132,

@@ -343,9 +343,35 @@ def unit_point(fit: UnitFit, use: Use, values: dict, skew: float) -> dict:
 
 
 def predict_step(loaded: Loaded, batch: Batch, skew: float = DEFAULT_SKEW) -> Step:
-    """Predicted time of one engine step running `batch` ((new, cached) per sequence)."""
+    """Predicted time of one engine step running `batch` ((new, cached) per sequence); its
+    `setup_ms` is for the step's distinct attention shapes (`attention_shapes`)."""
     phase, values = batch_values(batch, loaded.engine)
-    return predict_at(loaded, phase, values, skew)
+    step = predict_at(loaded, phase, values, skew)
+    groups = build_groups(loaded, step.phase, step.regime)
+    if groups:
+        shapes = attention_shapes(batch, loaded.window, groups)
+        step = replace(step, setup_ms=step.setup_ms * len(shapes) / groups)
+    return step
+
+
+def build_groups(loaded: Loaded, phase: str, regime: str) -> int:
+    """How many attention layer groups a step of `phase` has a per-shape setup unit for:
+    `predict_at`'s `setup_ms` builds each once."""
+    return sum(u.count for u in loaded.builds.get((phase, regime), []))
+
+
+def attention_shapes(batch: Batch, window: int | None, groups: int) -> set[tuple[int, int]]:
+    """The distinct (T, keys) shapes the `groups` attention layer groups of a paged step run
+    at; the engine builds each new one once, whichever layer meets it first. A full-attention
+    layer reads every cached and new token; a sliding-window layer at most `window` - 1 cached
+    tokens of each sequence (`paged.engine_attention`). A model with both kinds of layer
+    (gemma-2) so meets one shape while every sequence fits the window, and two after."""
+    tokens = sum(q for q, _ in batch)
+    full = (tokens, sum(q + c for q, c in batch))
+    if not window:
+        return {full}
+    sliding = (tokens, sum(q + min(c, window - 1) for q, c in batch))
+    return {full, sliding} if groups > 1 else {sliding}
 
 
 def _require_fits(loaded: Loaded) -> None:
@@ -483,17 +509,19 @@ class FlatStepTime:
 
     def _paged(self, batch: Batch) -> float:
         """A paged-engine profile: the step at (T, N, mean cached), cached to 16 tokens, plus
-        the attention's per-shape setup when (T, keys read) is new to this engine."""
+        the attention's per-shape setup for each of its shapes (`attention_shapes`) new to
+        this engine."""
         phase, values = batch_values(batch, self.loaded.engine)
-        shape = (values["T"], sum(q + c for q, c in batch))
         values["P"] = round(values["P"] / self.CONTEXT_BUCKET) * self.CONTEXT_BUCKET
         key = (phase, values["T"], values["N"], values["P"], key_class(values["keys"]))
         if key not in self._memo:
             step = predict_at(self.loaded, phase, values, self.skew)
-            self._memo[key] = (step.total_ms, step.setup_ms)
-        total, setup = self._memo[key]
-        if shape in self._shapes:
-            setup = 0.0
-        self._shapes.add(shape)
+            groups = build_groups(self.loaded, step.phase, step.regime)
+            self._memo[key] = (step.total_ms, step.setup_ms / groups if groups else 0.0,
+                               groups)
+        total, per_shape, groups = self._memo[key]
+        shapes = attention_shapes(batch, self.loaded.window, groups)
+        setup = per_shape * len(shapes - self._shapes)
+        self._shapes |= shapes
         # The batch preparation and the shape setup run on the host before the first kernel.
         return (total + setup) / 1e3

@@ -6,8 +6,10 @@ compare every request's TTFT and TPOT with the simulator's.
 requests submitted at their arrival times from a feeder loop, each with per-token timestamps.
 It also records every engine step: the batch (new and cached tokens per sequence) and when
 the step was scheduled, ran its forward (with sampling and the device-to-host copy) and
-updated the requests. That record (`Served`) is plain JSON, so `compare` (simulate the same
-requests with the same engine settings, CPU only) can be re-run later on another machine.
+updated the requests, and every `PROBE_EVERY` steps the host probe (how fast the host ran:
+the run is predicted at that speed). That record (`Served`) is plain JSON, so `compare`
+(simulate the same requests with the same engine settings, CPU only) can be re-run later on
+another machine.
 
 Measured times: TTFT = first token's timestamp - the request's creation in `add_request`;
 TPOT = (last - first token timestamp) / (tokens - 1), the simulator's definitions.
@@ -30,6 +32,11 @@ from dooly_fx.workload import Request
 
 WARMUP_REQUESTS = 4
 """Requests served before the measured run (CUDA context, cuBLAS handles, allocator)."""
+
+PROBE_EVERY = 16
+"""The engine's thread times the host probe (`hostinfo.host_probe_ms`) after the first step
+and every this many steps after it, between steps (about 1 ms, never inside a step's times):
+the host speed the run had, which `compare` predicts at."""
 
 
 @dataclass
@@ -82,6 +89,8 @@ class EngineStep:
     builds a graph first: that build is most of this."""
     attention_max_ms: float | None = None
     """The slowest of those calls."""
+    host_probe_ms: float | None = None
+    """The host probe timed right after this step (every `PROBE_EVERY` steps; else None)."""
 
     @property
     def batch(self) -> list[tuple[int, int]]:
@@ -121,6 +130,15 @@ class Served:
                 allocator=data.get("allocator", {}))
         except (KeyError, TypeError) as exc:
             raise UserError(f"not a validate-serving measurement ({exc!r})") from None
+
+    @property
+    def host_probe_ms(self) -> float | None:
+        """The host's speed during the run, from the probes its steps recorded
+        (`hostinfo.run_host_probe_ms`; None for a run measured without them)."""
+        from dooly_fx.hostinfo import run_host_probe_ms
+
+        return run_host_probe_ms([s.host_probe_ms for s in self.steps
+                                  if s.host_probe_ms is not None])
 
     def scheduler(self):
         """The simulator's scheduler with this run's engine settings (transformers policy)."""
@@ -261,10 +279,13 @@ class _StepClock:
     the instance (the manager's loop calls them through the instance), and the host time of
     the attention calls in each forward (wrapping `torch.nn.functional.
     scaled_dot_product_attention`, which transformers' attention functions look up at each
-    call, until `restore`)."""
+    call, until `restore`); every `PROBE_EVERY` steps it also times the host probe, after
+    the step's end is taken."""
 
     def __init__(self, processor, steps: list[EngineStep]) -> None:
         import torch
+
+        from dooly_fx.hostinfo import host_probe_ms
 
         self.processor, self.steps, self.t0 = processor, steps, 0.0
         self._pending: tuple | None = None
@@ -307,6 +328,8 @@ class _StepClock:
                     sum(attention) if attention else None,
                     max(attention) if attention else None))
                 self._pending = None
+                if (len(self.steps) - 1) % PROBE_EVERY == 0:
+                    self.steps[-1].host_probe_ms = host_probe_ms()
 
         processor.prepare_next_batch = timed_prepare
         processor._generation_step = timed_step

@@ -10,13 +10,15 @@ import pytest
 import sympy
 
 from dooly_fx.costs import cost, dim_value
-from dooly_fx.db import LatencyDB
+from dooly_fx.db import SHIPPED_DB, LatencyDB
 from dooly_fx.engine import EngineProfile
 from dooly_fx.errors import UserError
+from dooly_fx.hostinfo import run_host_probe_ms
 from dooly_fx.passes.signature import _is_token_count
 from dooly_fx.predict import (
     FlatStepTime,
     at_host_speed,
+    attention_shapes,
     batch_values,
     fit_db,
     host_at_speed,
@@ -223,6 +225,38 @@ def test_host_times_are_at_the_environments_host_speed(tiny_db):
     assert at_host_speed(loaded, None) is loaded
     with pytest.raises(UserError, match="positive"):
         at_host_speed(loaded, -1.0)
+
+
+def test_a_runs_host_speed_is_the_mean_probe_with_stalls_clipped():
+    """Time adds up, so a run's speed is its probes' mean; a stall (beyond twice the
+    median) counts as twice the median."""
+    assert run_host_probe_ms([0.5, 0.5, 0.9, 6.0]) == pytest.approx((0.5 + 0.5 + 0.9 + 1.4) / 4)
+    assert run_host_probe_ms([0.8]) == 0.8 and run_host_probe_ms([]) is None
+
+
+def test_a_new_attention_shape_is_built_once_per_distinct_shape():
+    """Full layers read every key, sliding layers at most window - 1 cached per sequence:
+    gemma-2 (both kinds, window 4096) meets one shape while its sequences fit the window."""
+    batch = [(1, 100), (1, 5000)]
+    assert attention_shapes(batch, None, 1) == {(2, 5102)}
+    assert attention_shapes(batch, 4096, 2) == {(2, 5102), (2, 4197)}
+    assert attention_shapes(batch, 4096, 1) == {(2, 4197)}
+    assert attention_shapes([(1, 100), (1, 4095)], 4096, 2) == {(2, 4197)}
+    with LatencyDB.open(SHIPPED_DB, create=False, readonly=True) as db:
+        env = next(e["fingerprint"] for e in db.environments() if e["device_type"] == "cuda")
+        loaded = load(db, "gemma-2-9b", env, "paged|sdpa|bfloat16")
+    both = predict_step(loaded, batch)
+    one = predict_step(loaded, [(1, 100), (1, 4095)])
+    assert both.setup_ms == pytest.approx(2 * one.setup_ms) and one.setup_ms > 0
+    flat = FlatStepTime(loaded)
+    first = flat([(1, 100), (1, 4095)])
+    assert first - flat([(1, 100), (1, 4095)]) == pytest.approx(one.setup_ms / 1e3)
+    # One key more: its one shape is new again, one build. Past the window two shapes, of
+    # which the sliding one (2, 4197) has been built already.
+    assert flat([(1, 101), (1, 4095)]) == pytest.approx(first, rel=0.05)
+    assert flat(batch) - flat(batch) == pytest.approx(one.setup_ms / 1e3)
+    fresh = FlatStepTime(loaded)
+    assert fresh(batch) - fresh(batch) == pytest.approx(both.setup_ms / 1e3)
 
 
 def test_load_refuses_a_model_or_engine_not_profiled(tiny_db):

@@ -7,12 +7,14 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from dooly_fx.cli import main
 from dooly_fx.db import SHIPPED_DB, LatencyDB
 from dooly_fx.errors import UserError
 from dooly_fx.serving import kv_bytes_per_token, size_kv_cache, unit_weight_bytes, weight_bytes
+from dooly_fx.validate_serving import PROBE_EVERY
 from dooly_fx.vidur import attention_header, num_tokens_grid
 
 from tiny import tiny_spec
@@ -83,6 +85,26 @@ def test_simulate_replays_the_first_50_trace_rows(tmp_path, capsys):
     events = json.loads(files["trace.json"].read_text())["traceEvents"]
     assert sum(e["ph"] == "X" for e in events) == run["steps"]
     assert files["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_simulate_at_another_host_speed(tmp_path, capsys):
+    """--host-probe: the same workload on a host twice as slow (probe 2x the DB's) runs
+    host-bound paged decode steps slower; the JSON says which speed it simulated."""
+    runs = {}
+    for name, probe in (("db", None), ("fast", "0.5"), ("slow", "1.0")):
+        path = tmp_path / f"{name}.json"
+        extra = ("--host-probe", probe) if probe else ()
+        code, _, _ = _cli(capsys, "simulate", "llama-3.2-1b", "--engine", "paged", "--qps", "2",
+                          "--num-requests", "10", "--prompt", "128", "--output", "32", *extra,
+                          "--json", str(path))
+        assert code == 0
+        runs[name] = json.loads(path.read_text())
+    with LatencyDB.open(SHIPPED_DB, create=False, readonly=True) as db:
+        assert runs["db"]["host_probe_ms"] == pytest.approx(db.host_probe_ms(H100_ENV))
+    assert (runs["fast"]["host_probe_ms"], runs["slow"]["host_probe_ms"]) == (0.5, 1.0)
+    assert runs["slow"]["tpot"]["p50"] > 1.5 * runs["fast"]["tpot"]["p50"]
+    line = _one_line_error(capsys, "simulate", "llama-3.2-1b", "--qps", "1", "--host-probe", "-1")
+    assert "--host-probe" in line
 
 
 def test_request_longer_than_the_cache_is_rejected_not_hung(capsys, tmp_path):
@@ -341,12 +363,34 @@ def test_validate_serving_serves_every_token_and_replays_the_same_report(tiny_db
     assert sum(kinds.values()) == len(measured["steps"])
     assert kinds.get("decode only", 0) == sum(all(n == 1 for n in s["new"])
                                               for s in measured["steps"])
+    # The host probe after the first step and every PROBE_EVERY steps; the prediction is for
+    # the run's median probe, and also made at the DB's own speed.
+    probes = [s["host_probe_ms"] for s in measured["steps"]]
+    assert [i for i, x in enumerate(probes) if x is not None] == \
+        list(range(0, len(probes), PROBE_EVERY))
+    host = run["host_speed"]
+    assert host["probes"] == len(range(0, len(probes), PROBE_EVERY))
+    taken = [x for x in probes if x]
+    cap = 2 * np.median(taken)
+    assert host["run_probe_ms"] == pytest.approx(np.mean(np.minimum(taken, cap)))
+    assert host["host_scale"] == pytest.approx(host["run_probe_ms"] / host["db_probe_ms"])
+    assert host["at_db_speed"]["ttft_mape"] >= 0
     code, _, _ = _cli(capsys, "validate-serving", model, "--db", str(db_path), "--device", "cpu",
                       "--measured", str(path), "--json", str(again))
     replay = json.loads(again.read_text())
     assert code == 0
     assert (replay["ttft"], replay["tpot"], replay["steps"]) == \
         (run["ttft"], run["tpot"], run["steps"])
+    # A measurement from before probes is predicted at the DB's own speed.
+    for step in run["measured"]["steps"]:
+        del step["host_probe_ms"]
+    old = tmp_path / "unprobed.json"
+    old.write_text(json.dumps(run))
+    code, _, _ = _cli(capsys, "validate-serving", model, "--db", str(db_path), "--device", "cpu",
+                      "--measured", str(old), "--json", str(again))
+    unprobed = json.loads(again.read_text())["host_speed"]
+    assert code == 0 and unprobed["run_probe_ms"] is None and unprobed["host_scale"] == 1.0
+    assert "at_db_speed" not in unprobed
 
 
 def test_validate_serving_needs_a_workload_and_a_real_measurement(tiny_db, tmp_path, capsys):
