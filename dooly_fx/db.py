@@ -413,9 +413,9 @@ class LatencyDB:
     def host_probe_ms(self, env: str) -> float | None:
         """The environment's host speed: the median host probe of its points (None before
         any point recorded one)."""
-        probes = sorted(r[0] for r in self.conn.execute(
+        probes = [r[0] for r in self.conn.execute(
             "SELECT host_probe_ms FROM points WHERE env = ? AND status = 'ok' "
-            "AND host_probe_ms IS NOT NULL", (env,)))
+            "AND host_probe_ms IS NOT NULL", (env,))]
         return statistics.median(probes) if probes else None
 
     def set_host(self, env: str, signature: str, rows: Sequence[tuple[str, float, float]],

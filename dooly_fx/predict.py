@@ -344,20 +344,23 @@ def unit_point(fit: UnitFit, use: Use, values: dict, skew: float) -> dict:
 
 def predict_step(loaded: Loaded, batch: Batch, skew: float = DEFAULT_SKEW) -> Step:
     """Predicted time of one engine step running `batch` ((new, cached) per sequence); its
-    `setup_ms` is for the step's distinct attention shapes (`attention_shapes`)."""
+    `setup_ms` is for the step's distinct attention shapes (`shape_setup_ms`)."""
     phase, values = batch_values(batch, loaded.engine)
     step = predict_at(loaded, phase, values, skew)
-    groups = build_groups(loaded, step.phase, step.regime)
-    if groups:
-        shapes = attention_shapes(batch, loaded.window, groups)
-        step = replace(step, setup_ms=step.setup_ms * len(shapes) / groups)
-    return step
+    return replace(step, setup_ms=shape_setup_ms(loaded, step, batch)[0])
 
 
-def build_groups(loaded: Loaded, phase: str, regime: str) -> int:
-    """How many attention layer groups a step of `phase` has a per-shape setup unit for:
-    `predict_at`'s `setup_ms` builds each once."""
-    return sum(u.count for u in loaded.builds.get((phase, regime), []))
+def shape_setup_ms(loaded: Loaded, step: Step, batch: Batch,
+                   seen: set[tuple[int, int]] | frozenset = frozenset()
+                   ) -> tuple[float, set[tuple[int, int]]]:
+    """(ms, shapes): the per-shape setup `batch` pays, one build for each of its distinct
+    attention shapes (`attention_shapes`) not in `seen`, and those shapes; `step` is its
+    `predict_at`, whose `setup_ms` builds every attention group's setup unit once."""
+    groups = sum(u.count for u in loaded.builds.get((step.phase, step.regime), []))
+    if not groups:
+        return 0.0, set()
+    shapes = attention_shapes(batch, loaded.window, groups)
+    return step.setup_ms / groups * len(shapes - seen), shapes
 
 
 def attention_shapes(batch: Batch, window: int | None, groups: int) -> set[tuple[int, int]]:
@@ -454,6 +457,7 @@ class FlatStepTime:
         _require_fits(loaded)
         self.loaded, self.skew = loaded, skew
         self._memo: dict[tuple, tuple[float, ...]] = {}
+        self._steps: dict[tuple, Step] = {}
         self._shapes: set[tuple[int, int]] = set()
         if loaded.engine.startswith("paged"):
             return  # profiled as the engine runs: every unit at (T, N, P) directly
@@ -514,14 +518,10 @@ class FlatStepTime:
         phase, values = batch_values(batch, self.loaded.engine)
         values["P"] = round(values["P"] / self.CONTEXT_BUCKET) * self.CONTEXT_BUCKET
         key = (phase, values["T"], values["N"], values["P"], key_class(values["keys"]))
-        if key not in self._memo:
-            step = predict_at(self.loaded, phase, values, self.skew)
-            groups = build_groups(self.loaded, step.phase, step.regime)
-            self._memo[key] = (step.total_ms, step.setup_ms / groups if groups else 0.0,
-                               groups)
-        total, per_shape, groups = self._memo[key]
-        shapes = attention_shapes(batch, self.loaded.window, groups)
-        setup = per_shape * len(shapes - self._shapes)
+        if key not in self._steps:
+            self._steps[key] = predict_at(self.loaded, phase, values, self.skew)
+        step = self._steps[key]
+        setup, shapes = shape_setup_ms(self.loaded, step, batch, self._shapes)
         self._shapes |= shapes
         # The batch preparation and the shape setup run on the host before the first kernel.
-        return (total + setup) / 1e3
+        return (step.total_ms + setup) / 1e3
