@@ -84,6 +84,8 @@ def main() -> None:
             f"{k}_median": float(np.median([a[k] for a in at_db]))
             for k in ("ttft_mape", "tpot_mape", "step_mape")}}
     machine = rows[0]["measured_on"]
+    elasticity = next((r["host_speed"]["elasticity"] for r in rows
+                       if "elasticity" in r["host_speed"]), None)
     args.out.write_text(json.dumps({"summary": summary, "runs": rows}, indent=1) + "\n")
     counts = [r["workload"].get("num_requests") for r in rows]
     usual = max(set(counts), key=counts.count)
@@ -112,8 +114,10 @@ def main() -> None:
         "given then",
         "- host probe = the run's host speed (the mean of the probes the engine's thread timed "
         "between steps, each clipped at twice their median: `hostinfo.run_host_probe_ms`) and "
-        "the DB's; predictions are for the run's speed, and the last column makes them at the "
-        "DB's own speed instead", "",
+        "the DB's; predictions are for the run's speed (host-side times × (run / DB) ** the "
+        "DB's host elasticity" + (f", {elasticity:.2f}" if elasticity is not None else "") +
+        ": `predict.host_elasticity`), and the last column makes them at the DB's own speed "
+        "instead", "",
         "| model | engine | predicted from | finished | TTFT MAPE | TTFT p50 | TTFT p90 | "
         "TPOT MAPE | TPOT p50 | TPOT p90 | step MAPE | step bias | measured step ms "
         "(prepare + forward) | predicted step ms | TTFT / TPOT MAPE at serving time | "

@@ -148,10 +148,11 @@ def cmd_predict(args: argparse.Namespace) -> None:
         if step.prepare_ms else ""
     out.print(f"total {step.total_ms:.3f} ms ({engine}{bound}-bound forward: GPU "
               f"{step.gpu_ms:.3f} ms, host {step.host_ms:.3f} ms)")
-    if loaded.host_probe_ms:
-        speed = loaded.host_probe_ms * loaded.host_scale
-        out.print(f"host-side times at a host speed of {speed:.3f} ms per host probe" + (
-            "" if probe else " (the DB's; --host-probe sets another)"))
+    if loaded.probe_ms:
+        out.print(f"host-side times at a host speed of {loaded.probe_ms:.3f} ms per host probe" + (
+            f" (×{loaded.host_scale:.2f} the DB's: host work follows the probe at elasticity "
+            f"{loaded.host_elasticity:.2f})" if probe else
+            " (the DB's; --host-probe sets another)"))
     if step.setup_ms:
         out.print(f"a step at an attention shape new to the engine also pays "
                   f"{step.setup_ms:.3f} ms of per-shape setup")

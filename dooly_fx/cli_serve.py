@@ -106,7 +106,7 @@ def cmd_simulate(args: argparse.Namespace) -> None:
                "environment": env["fingerprint"], "engine": loaded.engine,
                "step_time": "FlatStepTime", "workload": workload, "scheduler": asdict(cfg),
                "kv_cache": kv, "wall_s": wall,
-               "host_probe_ms": loaded.host_probe_ms and loaded.host_probe_ms * loaded.host_scale}
+               "host_probe_ms": loaded.probe_ms}
     _print_simulation(payload)
     if args.json:
         write_json(args.json, payload)
@@ -312,7 +312,7 @@ def cmd_validate_serving(args: argparse.Namespace) -> None:
     at_host = at_host_speed(loaded, served.host_probe_ms)
     report, result = compare(served, lambda: FlatStepTime(at_host), served.scheduler())
     host = {"run_probe_ms": served.host_probe_ms, "db_probe_ms": loaded.host_probe_ms,
-            "host_scale": at_host.host_scale,
+            "elasticity": loaded.host_elasticity, "host_scale": at_host.host_scale,
             "probes": sum(s.host_probe_ms is not None for s in served.steps)}
     if at_host is not loaded:  # also at the DB's own host speed, to show what it changes
         at_db, _ = compare(served, lambda: FlatStepTime(loaded), served.scheduler())

@@ -402,6 +402,20 @@ class LatencyDB:
         has a host time, in point order."""
         return [(r["host_ms"], r["host_probe_ms"]) for r in self._host_rows(env, signature)]
 
+    def host_samples(self, env: str) -> list[tuple[str, list[tuple[float, float]]]]:
+        """(kind, [(host ms, host probe ms), ...]) per signature: every measured point of
+        the environment with both, in signature and point order."""
+        rows = self.conn.execute(
+            "SELECT p.signature, s.kind, p.host_ms, p.host_probe_ms FROM points p "
+            "JOIN signatures s ON s.key = p.signature WHERE p.env = ? AND p.status = 'ok' "
+            "AND p.host_ms IS NOT NULL AND p.host_probe_ms IS NOT NULL "
+            "ORDER BY p.signature, p.point", (env,))
+        out: dict[str, tuple[str, list[tuple[float, float]]]] = {}
+        for r in rows:
+            out.setdefault(r["signature"], (r["kind"], []))[1].append(
+                (r["host_ms"], r["host_probe_ms"]))
+        return list(out.values())
+
     def host_unprobed(self, env: str, signature: str) -> list[str]:
         """Measured points of one signature recorded without a host probe, in point order;
         none once any of its points has one."""

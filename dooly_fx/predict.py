@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -37,7 +37,7 @@ from dooly_fx.hostinfo import device_sms
 from dooly_fx.names import ENGINE_PREPARE_ROLE, SHAPE_BUILD_SUFFIX
 from dooly_fx.sweep import request_vars
 
-FIT_VERSION = 5
+FIT_VERSION = 6
 """Bumped when the fitting changes, so stale fits are redone."""
 DEFAULT_SKEW = 0.0
 """MoE routing skew assumed when predicting (0: every expert gets the same share)."""
@@ -98,12 +98,12 @@ def fit_db(db: LatencyDB, env: str, on_unit: Callable[[], None] | None = None) -
     keys = [r[0] for r in db.conn.execute(
         "SELECT DISTINCT signature FROM points WHERE env = ? AND status = 'ok' "
         "ORDER BY signature", (env,))]
-    probe = db.host_probe_ms(env)
+    probe, elasticity = environment_host(db, env)
     summary, rows = FitSummary(), []
     for key in keys:
         points = db.ok_points(env, key)
         host = db.host_points(env, key)
-        digest = _digest([sms, points, host, probe])
+        digest = _digest([sms, points, host, probe, elasticity])
         if existing.get(key, {}).get("points_digest") == digest:
             summary.unchanged += 1
         else:
@@ -115,7 +115,7 @@ def fit_db(db: LatencyDB, env: str, on_unit: Callable[[], None] | None = None) -
             model = fit_unit(sig["kind"], unit_vars(sig["canonical"]), X, flops, moved,
                              np.array([ms for _, ms in grid]))
             payload = {"gpu": model.to_json(),
-                       "host_ms": host_at_speed(host, probe),
+                       "host_ms": host_at_speed(host, probe, elasticity),
                        "key_classes": classes, "fit_version": FIT_VERSION}
             rows.append((key, model.method, payload, model.cv_mape, len(points), digest))
             summary.fitted.append({"signature": key, "kind": sig["kind"],
@@ -129,13 +129,39 @@ def fit_db(db: LatencyDB, env: str, on_unit: Callable[[], None] | None = None) -
     return summary
 
 
-def host_at_speed(host: Sequence[tuple[float, float | None]], probe: float | None) -> float:
+def host_at_speed(host: Sequence[tuple[float, float | None]], probe: float | None,
+                  elasticity: float = 1.0) -> float:
     """A unit's host ms at the host speed `probe` (the environment's median host probe):
-    the median over its points of host ms × `probe` / the probe measured beside it; points
-    recorded without a probe count as measured, and only when no point has one."""
-    scaled = [ms * probe / own for ms, own in host if own and probe]
+    the median over its points of host ms × (`probe` / the probe measured beside it) **
+    `elasticity`; points recorded without a probe count as measured, and only when no
+    point has one."""
+    scaled = [ms * (probe / own) ** elasticity for ms, own in host if own and probe]
     values = scaled or [ms for ms, _ in host]
     return float(np.median(values)) if values else 0.0
+
+
+def host_elasticity(samples: Iterable[Sequence[tuple[float, float]]]) -> float:
+    """How host times follow the host probe: the slope of log host ms on log probe ms, each
+    group of samples (one signature's points: (host ms, probe ms)) about its own means,
+    pooled over the groups, clipped to [0, 1]. 1 (host work slows exactly as the probe
+    does) when the probes give no spread to fit."""
+    num = den = 0.0
+    for group in samples:
+        pairs = np.log([(ms, probe) for ms, probe in group if ms > 0 and probe > 0])
+        if len(pairs) < 2:
+            continue
+        work, probe = (pairs - pairs.mean(axis=0)).T
+        num, den = num + float(work @ probe), den + float(probe @ probe)
+    return min(1.0, max(0.0, num / den)) if den > 1e-9 else 1.0
+
+
+def environment_host(db: LatencyDB, env: str) -> tuple[float | None, float]:
+    """(probe ms, elasticity) of an environment: its host speed (`LatencyDB.host_probe_ms`)
+    and how its units' host times follow the probe (`host_elasticity` over the signatures
+    whose host work is per call; `engine_prepare`'s grows with the batch, so it is left
+    out)."""
+    return db.host_probe_ms(env), host_elasticity(
+        samples for kind, samples in db.host_samples(env) if kind != "engine_prepare")
 
 
 def environment_sms(db: LatencyDB, env: str) -> int | None:
@@ -193,9 +219,24 @@ class Loaded:
     host_probe_ms: float | None = None
     """The environment's host speed (`LatencyDB.host_probe_ms`): its units' host times are
     at this speed."""
-    host_scale: float = 1.0
-    """Host-side times (issue, batch preparation, shape setup) are predicted × this: 1 at the
-    environment's host speed; see `at_host_speed`."""
+    host_elasticity: float = 1.0
+    """How its host times follow the probe (`host_elasticity`)."""
+    speed_probe_ms: float | None = None
+    """The host speed predicted for (`at_host_speed`); None: the environment's own."""
+
+    @property
+    def probe_ms(self) -> float | None:
+        """The host probe ms this predicts for."""
+        return self.speed_probe_ms or self.host_probe_ms
+
+    @property
+    def host_scale(self) -> float:
+        """Host-side times (issue, batch preparation, shape setup) are predicted × this:
+        (probe predicted for / the environment's) ** elasticity; 1 at the environment's own
+        speed."""
+        if not self.speed_probe_ms or not self.host_probe_ms:
+            return 1.0
+        return (self.speed_probe_ms / self.host_probe_ms) ** self.host_elasticity
 
     @property
     def window(self) -> int | None:
@@ -241,18 +282,18 @@ def load(db: LatencyDB, model: str, env: str, engine: str) -> Loaded:
                             LatencyModel.from_json(model_json["gpu"]), model_json["host_ms"],
                             stored[key]["cv_mape"], model_json.get("key_classes", {}), sms)
     return Loaded(model, engine, env, config, uses, fits, missing, builds, engine_units,
-                  db.host_probe_ms(env))
+                  *environment_host(db, env))
 
 
 def at_host_speed(loaded: Loaded, probe_ms: float | None) -> Loaded:
     """`loaded` predicting for a host whose probe (`hostinfo.host_probe_ms`) takes `probe_ms`:
-    host-side times scale by `probe_ms` over the environment's own. Unchanged when either is
-    unknown."""
+    host-side times scale by `probe_ms` over the environment's own, to the power of the
+    environment's `host_elasticity`. Unchanged when either probe is unknown."""
     if probe_ms is not None and probe_ms <= 0:
         raise UserError(f"a host probe time must be positive, not {probe_ms}")
     if probe_ms is None or not loaded.host_probe_ms:
         return loaded
-    return replace(loaded, host_scale=probe_ms / loaded.host_probe_ms)
+    return replace(loaded, speed_probe_ms=probe_ms)
 
 
 # --- predict -------------------------------------------------------------------------------------

@@ -20,8 +20,10 @@ from dooly_fx.predict import (
     at_host_speed,
     attention_shapes,
     batch_values,
+    environment_host,
     fit_db,
     host_at_speed,
+    host_elasticity,
     load,
     predict_step,
 )
@@ -205,26 +207,47 @@ def test_unit_fidelity_attributes_each_leaf_modules_time_in_the_step(tiny_db):
 
 def test_host_times_are_at_the_environments_host_speed(tiny_db):
     """A unit's host time is the median of its points' host times, each brought from the
-    host probe measured beside it to the environment's median probe; a prediction for a
-    host twice as slow doubles every host-side time and no GPU time."""
+    host probe measured beside it to the environment's median probe at the environment's
+    elasticity; a prediction for a host twice as slow scales every host-side time by
+    2 ** elasticity and no GPU time."""
     assert host_at_speed([(2.0, 1.0), (3.0, 2.0), (4.0, None)], 1.5) == 2.625
+    assert host_at_speed([(2.0, 1.0)], 4.0, 0.5) == 4.0
     assert host_at_speed([(2.0, None), (4.0, None)], 1.5) == 3.0
     assert host_at_speed([(2.0, 1.0)], None) == 2.0 and host_at_speed([], 1.0) == 0.0
     path, spec, env, *_ = tiny_db
     with LatencyDB.open(path) as db:
-        probe = db.host_probe_ms(env.fingerprint)
+        probe, elasticity = environment_host(db, env.fingerprint)
         fits = db.fits(env.fingerprint)
         key = next(iter(fits))
         assert fits[key]["model"]["host_ms"] == host_at_speed(
-            db.host_points(env.fingerprint, key), probe)
+            db.host_points(env.fingerprint, key), probe, elasticity)
         loaded = load(db, spec.name, env.fingerprint, EngineProfile().label)
     assert probe > 0 and loaded.host_probe_ms == probe and loaded.host_scale == 1.0
+    assert loaded.host_elasticity == elasticity and 0 <= elasticity <= 1
     base = predict_step(loaded, [(1, 32)] * 2)
-    slow = predict_step(at_host_speed(loaded, 2 * probe), [(1, 32)] * 2)
-    assert slow.host_ms == pytest.approx(2 * base.host_ms) and slow.gpu_ms == base.gpu_ms
+    slow_host = at_host_speed(loaded, 2 * probe)
+    slow = predict_step(slow_host, [(1, 32)] * 2)
+    assert slow_host.probe_ms == 2 * probe and slow_host.host_scale == 2 ** elasticity
+    assert slow.host_ms == pytest.approx(2 ** elasticity * base.host_ms)
+    assert slow.gpu_ms == base.gpu_ms
     assert at_host_speed(loaded, None) is loaded
     with pytest.raises(UserError, match="positive"):
         at_host_speed(loaded, -1.0)
+
+
+def test_host_elasticity_is_the_pooled_within_signature_slope():
+    """log host ms on log probe ms, each signature about its own means: a unit that doubles
+    when the probe doubles and one that grows by √2 pool to their slopes weighted by their
+    probes' spread; a lone point or equal probes add nothing; the slope is clipped to
+    [0, 1], and is 1 with nothing to fit."""
+    assert host_elasticity([[(2.0, 1.0), (4.0, 2.0)]]) == pytest.approx(1.0)
+    assert host_elasticity([[(2.0, 1.0), (2.0 * 2 ** 0.5, 2.0)]]) == pytest.approx(0.5)
+    # Probe spreads ln 2 and ln 4 (weights 1 : 4): (1·1 + 4·0.5) / 5.
+    assert host_elasticity([[(2.0, 1.0), (4.0, 2.0)], [(1.0, 1.0), (2.0, 4.0)],
+                            [(9.0, 3.0)], [(5.0, 1.0), (7.0, 1.0)]]) == pytest.approx(0.6)
+    assert host_elasticity([[(4.0, 1.0), (2.0, 2.0)]]) == 0.0
+    assert host_elasticity([[(1.0, 1.0), (8.0, 2.0)]]) == 1.0
+    assert host_elasticity([]) == 1.0 and host_elasticity([[(1.0, 1.0)]]) == 1.0
 
 
 def test_a_runs_host_speed_is_the_mean_probe_with_stalls_clipped():
