@@ -5,7 +5,8 @@
 # Each run: the first $REQUESTS requests of bench/workloads/splitwise_conv_300.csv, arrivals
 # sped up $SPEEDUP times, prompts clipped to $MAX_PROMPT and outputs to $MAX_OUTPUT tokens;
 # eager attention gets a smaller cache and token budget (its scores are materialised).
-# $SUFFIX is appended to each file name (repeats of one run on one machine).
+# $SUFFIX is appended to each file name (repeats of one run on one machine); $EXTRA is added
+# to every validate-serving command (e.g. EXTRA="--gc off").
 set -u
 OUT_DIR=${1:?output folder}
 DB=${2:?latency DB}
@@ -16,6 +17,7 @@ MAX_PROMPT=${MAX_PROMPT:-2048}
 MAX_OUTPUT=${MAX_OUTPUT:-256}
 RUN_SECONDS=${RUN_SECONDS:-240}
 SUFFIX=${SUFFIX:-}
+EXTRA=${EXTRA:-}
 TRACE=bench/workloads/splitwise_conv_300.csv
 mkdir -p "$OUT_DIR/serving"
 export PYTHONUNBUFFERED=1
@@ -30,7 +32,7 @@ for item in "$@"; do
     echo "=== $model $attn"
     timeout -s INT "$RUN_SECONDS" python3 -m dooly_fx validate-serving "$model" --db "$DB" \
         --attn "$attn" --trace "$TRACE" --num-requests "$REQUESTS" --speedup "$SPEEDUP" \
-        --max-prompt "$MAX_PROMPT" --max-output "$MAX_OUTPUT" --time-limit 120 $extra \
+        --max-prompt "$MAX_PROMPT" --max-output "$MAX_OUTPUT" --time-limit 120 $extra $EXTRA \
         --json "$name.json" > "$name.log" 2>&1
     echo "exit $?"
     grep -v "ContinuousBatchingLogger\|^\s*$" "$name.log" | tail -12

@@ -120,20 +120,23 @@ def main() -> None:
         "instead", "",
         "| model | engine | predicted from | finished | TTFT MAPE | TTFT p50 | TTFT p90 | "
         "TPOT MAPE | TPOT p50 | TPOT p90 | step MAPE | step bias | measured step ms "
-        "(prepare + forward) | predicted step ms | TTFT / TPOT MAPE at serving time | "
+        "(prepare + forward; GC pauses) | predicted step ms | TTFT / TPOT MAPE at serving time | "
         "host probe ms (run / DB) | TTFT / TPOT MAPE at the DB's host speed |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         ms = r["step_ms"]
         done = f"{r['finished']}/{r['requests']}" + (" (time limit)" if r["timed_out"] else "")
+        gc = "" if ms.get("gc") is None else f"; GC {ms['gc']:.1f}"
+        engine = _cell(r["engine"]) + (
+            " (GC off)" if r["settings"].get("garbage_collector") is False else "")
         lines.append(
-            f"| {r['model']} | {_cell(r['engine'])} | {_cell(r['predicted_from'])} | {done} | "
+            f"| {r['model']} | {engine} | {_cell(r['predicted_from'])} | {done} | "
             f"{r['ttft']['mape']:.1%} | {_pct(r['ttft']['p50_error'])} | "
             f"{_pct(r['ttft']['p90_error'])} | {r['tpot']['mape']:.1%} | "
             f"{_pct(r['tpot']['p50_error'])} | {_pct(r['tpot']['p90_error'])} | "
             f"{r['step_mape']:.1%} | {_pct(r['step_bias'])} | {ms['mean']:.1f} "
-            f"({ms['prepare']:.1f} + {ms['forward']:.1f}) | {r['predicted_step_ms']:.1f} | "
+            f"({ms['prepare']:.1f} + {ms['forward']:.1f}{gc}) | {r['predicted_step_ms']:.1f} | "
             f"{r['at_serving']['ttft']:.1%} / {r['at_serving']['tpot']:.1%} | "
             f"{_host(r['host_speed'])} |")
     lines += ["", f"Median over {summary['runs']} runs: TTFT MAPE "

@@ -307,6 +307,7 @@ def cmd_validate_serving(args: argparse.Namespace) -> None:
             served = serve(spec, engine, reqs, device, num_blocks=args.num_blocks,
                            max_batch_tokens=args.max_batch_tokens, max_seqs=args.max_seqs,
                            block_size=args.block_size, time_limit_s=args.time_limit,
+                           collect_garbage=args.gc == "on",
                            on_done=lambda n: bar.update(task, completed=n))
     st = served.settings
     at_host = at_host_speed(loaded, served.host_probe_ms)
@@ -370,6 +371,9 @@ def _print_serving(p: dict) -> None:
             out.print(f"attention calls on the host per forward: mean "
                       f"{ms['attention_host']:.2f} ms, median {ms['attention_host_median']:.2f} "
                       "ms (new shapes' setup: the shape_build units)")
+        if ms.get("gc") is not None:
+            out.print(f"garbage-collector pauses per step: mean {ms['gc']:.2f} ms, longest "
+                      f"{ms['gc_max']:.1f} ms")
     out.print(f"{p['finished']}/{p['requests']} requests finished in {p['wall_s']:.1f} s"
               + (" (time limit reached)" if p["timed_out"] else ""))
     host = p["host_speed"]
@@ -482,6 +486,9 @@ def add_verbs(verbs) -> None:
     eng.add_argument("--block-size", type=_positive_int, metavar="N",
                      help="default: transformers' (256)")
     eng.add_argument("--num-blocks", type=_positive_int, metavar="N")
+    eng.add_argument("--gc", default="on", choices=("on", "off"),
+                     help="Python's garbage collector while serving (default on, as the engine "
+                          "runs; off separates its pauses from the engine's work)")
     val.add_argument("--time-limit", type=float, default=600.0, metavar="S",
                      help="stop serving S seconds after the last arrival (default 600)")
     val.add_argument("--measured", metavar="FILE",

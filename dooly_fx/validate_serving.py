@@ -18,6 +18,7 @@ TPOT = (last - first token timestamp) / (tokens - 1), the simulator's definition
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import os
 import threading
@@ -91,6 +92,9 @@ class EngineStep:
     """The slowest of those calls."""
     host_probe_ms: float | None = None
     """The host probe timed right after this step (every `PROBE_EVERY` steps; else None)."""
+    gc_ms: float | None = None
+    """Python's garbage-collector pauses that began within the step (a collection in any
+    thread stops every thread); None in a run recorded before they were timed."""
 
     @property
     def batch(self) -> list[tuple[int, int]]:
@@ -158,9 +162,12 @@ def serve(spec, engine, requests: Sequence[Request], device: str = "cuda", *,
           num_blocks: int | None = None, max_batch_tokens: int | None = None,
           max_seqs: int | None = None, block_size: int | None = None,
           time_limit_s: float = 600.0,
-          on_done: Callable[[int], None] | None = None, seed: int = 0) -> Served:
+          on_done: Callable[[int], None] | None = None, seed: int = 0,
+          collect_garbage: bool = True) -> Served:
     """Serve `requests` (arrival times honoured) with transformers continuous batching on
     `device`; settings left None are sized by the engine (from free memory) and recorded.
+    `collect_garbage=False` turns Python's garbage collector off while the requests run (the
+    engine runs with it on; off separates its pauses from the engine's own work).
 
     Stops after `time_limit_s` (counting from the first arrival): requests not finished
     then keep `first_s`/`last_s` None and the result says `timed_out`.
@@ -192,7 +199,8 @@ def serve(spec, engine, requests: Sequence[Request], device: str = "cuda", *,
     settings = {"block_size": cache.block_size, "num_blocks": cache.num_blocks,
                 "max_batch_tokens": cache.max_batch_tokens,
                 "max_seqs": manager.continuous_batching_config.max_requests_per_batch,
-                "attn_implementation": model.config._attn_implementation}
+                "attn_implementation": model.config._attn_implementation,
+                "garbage_collector": collect_garbage}
     steps: list[EngineStep] = []
     clock = _StepClock(processor, steps)
     longest = max(r.prompt_tokens + r.output_tokens for r in requests)
@@ -209,6 +217,8 @@ def serve(spec, engine, requests: Sequence[Request], device: str = "cuda", *,
         _warm(manager, rng, vocab, min(512, cache.num_blocks * cache.block_size
                                        // (2 * WARMUP_REQUESTS), cache.max_batch_tokens))
         steps.clear()
+        if not collect_garbage:
+            gc.disable()
         before = _allocator_events(device)
         t0 = time.perf_counter()
         clock.t0 = t0
@@ -248,6 +258,7 @@ def serve(spec, engine, requests: Sequence[Request], device: str = "cuda", *,
         wall = time.perf_counter() - t0
         allocator = {k: v - before[k] for k, v in _allocator_events(device).items()}
     finally:
+        gc.enable()
         manager.stop(block=True, timeout=10, hard_stop=True)
         clock.restore()
         del manager, model
@@ -279,8 +290,8 @@ class _StepClock:
     the instance (the manager's loop calls them through the instance), and the host time of
     the attention calls in each forward (wrapping `torch.nn.functional.
     scaled_dot_product_attention`, which transformers' attention functions look up at each
-    call, until `restore`); every `PROBE_EVERY` steps it also times the host probe, after
-    the step's end is taken."""
+    call, until `restore`), and the garbage collector's pauses (`gc.callbacks`); every
+    `PROBE_EVERY` steps it also times the host probe, after the step's end is taken."""
 
     def __init__(self, processor, steps: list[EngineStep]) -> None:
         import torch
@@ -290,6 +301,7 @@ class _StepClock:
         self.processor, self.steps, self.t0 = processor, steps, 0.0
         self._pending: tuple | None = None
         self._attention: list[float] = []
+        self._gc_ms, self._gc_start = 0.0, 0.0
         prepare, step, update = (processor.prepare_next_batch, processor._generation_step,
                                  processor.update_batch)
         self._sdpa = sdpa = torch.nn.functional.scaled_dot_product_attention
@@ -302,6 +314,7 @@ class _StepClock:
 
         def timed_prepare():
             start = time.perf_counter()
+            self._gc_ms = 0.0
             ready = prepare()
             if ready:
                 batch = processor.inputs_and_outputs.requests_in_batch
@@ -326,7 +339,7 @@ class _StepClock:
                 self.steps.append(EngineStep(
                     start - t0, forward - t0, synced - t0, end - t0, new, cached,
                     sum(attention) if attention else None,
-                    max(attention) if attention else None))
+                    max(attention) if attention else None, gc_ms=self._gc_ms))
                 self._pending = None
                 if (len(self.steps) - 1) % PROBE_EVERY == 0:
                     self.steps[-1].host_probe_ms = host_probe_ms()
@@ -335,6 +348,14 @@ class _StepClock:
         processor._generation_step = timed_step
         processor.update_batch = timed_update
         torch.nn.functional.scaled_dot_product_attention = timed_sdpa
+        gc.callbacks.append(self._collection)
+
+    def _collection(self, phase: str, info: dict) -> None:
+        """`gc.callbacks` hook: add each collection's pause to the step under way."""
+        if phase == "start":
+            self._gc_start = time.perf_counter()
+        else:
+            self._gc_ms += (time.perf_counter() - self._gc_start) * 1e3
 
     def restore(self) -> None:
         import torch
@@ -342,6 +363,8 @@ class _StepClock:
         for name in ("prepare_next_batch", "_generation_step", "update_batch"):
             self.processor.__dict__.pop(name, None)
         torch.nn.functional.scaled_dot_product_attention = self._sdpa
+        if self._collection in gc.callbacks:
+            gc.callbacks.remove(self._collection)
 
 
 def _host_memory(device: str):
@@ -464,6 +487,7 @@ def step_report(steps: Sequence[EngineStep], step_time) -> dict:
     ape = _ape(pred, dur)
     decode = np.array([all(n == 1 for n in s.new) for s in steps])
     attention = [s.attention_host_ms for s in steps if s.attention_host_ms is not None]
+    collected = [s.gc_ms for s in steps if s.gc_ms is not None]
     return {
         "steps": len(steps), "mape": float(ape.mean()), "median_ape": float(np.median(ape)),
         "bias": float((pred.sum() - dur.sum()) / dur.sum()),
@@ -475,7 +499,9 @@ def step_report(steps: Sequence[EngineStep], step_time) -> dict:
                         "idle_gap": float(np.median(gaps) * 1e3),
                         "attention_host": float(np.mean(attention)) if attention else None,
                         "attention_host_median": float(np.median(attention)) if attention
-                        else None},
+                        else None,
+                        "gc": float(np.mean(collected)) if collected else None,
+                        "gc_max": float(np.max(collected)) if collected else None},
         "predicted_ms": {"mean": float(pred.mean() * 1e3)},
         "busy_s": float(dur.sum()),
         "by_kind": _by_kind(steps, dur, pred, decode),

@@ -334,9 +334,12 @@ def test_validate_serving_serves_every_token_and_replays_the_same_report(tiny_db
     """transformers continuous batching serves a tiny model (built from the config the DB
     recorded); the recorded steps account for every prompt and output token, and --measured
     recomputes the same comparison without the engine."""
+    import gc
+
     import torch
 
     sdpa = torch.nn.functional.scaled_dot_product_attention
+    hooks = list(gc.callbacks)
     db_path, model = tiny_db
     path, again = tmp_path / "serve.json", tmp_path / "again.json"
     code, _, _ = _cli(capsys, "validate-serving", model, "--db", str(db_path), "--device", "cpu",
@@ -357,6 +360,10 @@ def test_validate_serving_serves_every_token_and_replays_the_same_report(tiny_db
     assert run["engine"] == "paged|sdpa|bfloat16"
     assert all(0 < s["attention_max_ms"] <= s["attention_host_ms"] for s in measured["steps"])
     assert torch.nn.functional.scaled_dot_product_attention is sdpa
+    # The collector's pauses timed per step, its hook gone after.
+    assert run["settings"]["garbage_collector"] is True and gc.callbacks == hooks
+    assert all(s["gc_ms"] >= 0 for s in measured["steps"])
+    assert run["steps"]["measured_ms"]["gc"] >= 0
     assert run["ttft"]["requests"] == 6 and run["ttft"]["mape"] >= 0
     assert run["steps"]["steps"] == len(measured["steps"])
     kinds = {k["kind"]: k["steps"] for k in run["steps"]["by_kind"]}
@@ -428,3 +435,41 @@ def test_forget_marks_a_kind_to_be_measured_again(tiny_db, tmp_path, capsys):
     line = _one_line_error(capsys, "forget", tiny_db[1], "--db", str(path), "--kind", "moe",
                            "--device", "cpu")
     assert line == f"error: no unit of kind moe in {tiny_db[1]}"
+
+
+def test_a_garbage_collection_inside_a_step_is_charged_to_it():
+    """The step clock adds each collection that begins between a step's batch preparation
+    and its update to that step (`gc_ms`), and none to a step without one."""
+    import gc
+    import time
+    from types import SimpleNamespace
+
+    from dooly_fx.validate_serving import _StepClock
+
+    seq = SimpleNamespace(query_length=1, state=SimpleNamespace(position_offset=9))
+    collect = [True, False]
+
+    def step(model):
+        if collect.pop(0):
+            gc.collect()
+        time.sleep(0.001)
+
+    processor = SimpleNamespace(
+        prepare_next_batch=lambda: True, _generation_step=step, update_batch=lambda: None,
+        inputs_and_outputs=SimpleNamespace(requests_in_batch=[seq]))
+    steps = []
+    clock = _StepClock(processor, steps)
+    enabled = gc.isenabled()
+    gc.disable()  # no automatic collection in the second step
+    try:
+        for _ in range(2):
+            processor.prepare_next_batch()
+            processor._generation_step(None)
+            processor.update_batch()
+    finally:
+        clock.restore()
+        if enabled:
+            gc.enable()
+    assert [s.batch for s in steps] == [[(1, 8)], [(1, 8)]]
+    assert steps[0].gc_ms > 0 and steps[1].gc_ms == 0.0
+    assert clock._collection not in gc.callbacks
