@@ -37,6 +37,12 @@ def _host(h: dict) -> str:
             f"{db['tpot_mape']:.1%}")
 
 
+def _engine(row: dict) -> str:
+    """A run's engine cell, marked where it served with the garbage collector off."""
+    off = row["settings"].get("garbage_collector") is False
+    return _cell(row["engine"]) + (" (GC off)" if off else "")
+
+
 def _cell(text: str) -> str:
     return text.replace("|", "\\|")
 
@@ -128,10 +134,8 @@ def main() -> None:
         ms = r["step_ms"]
         done = f"{r['finished']}/{r['requests']}" + (" (time limit)" if r["timed_out"] else "")
         gc = "" if ms.get("gc") is None else f"; GC {ms['gc']:.1f}"
-        engine = _cell(r["engine"]) + (
-            " (GC off)" if r["settings"].get("garbage_collector") is False else "")
         lines.append(
-            f"| {r['model']} | {engine} | {_cell(r['predicted_from'])} | {done} | "
+            f"| {r['model']} | {_engine(r)} | {_cell(r['predicted_from'])} | {done} | "
             f"{r['ttft']['mape']:.1%} | {_pct(r['ttft']['p50_error'])} | "
             f"{_pct(r['ttft']['p90_error'])} | {r['tpot']['mape']:.1%} | "
             f"{_pct(r['tpot']['p50_error'])} | {_pct(r['tpot']['p90_error'])} | "
@@ -157,7 +161,7 @@ def main() -> None:
         for r in rows:
             cells = {k["kind"]: f"{k['steps']}: {k['measured_ms']:.1f} / "
                      f"{k['predicted_ms']:.1f} ({k['mape']:.1%})" for k in r["by_kind"]}
-            lines.append(f"| {r['model']} | {_cell(r['engine'])} | "
+            lines.append(f"| {r['model']} | {_engine(r)} | "
                          + " | ".join(cells.get(k, "–") for k in kinds) + " |")
         lines.append("")
     lines += [f"![measured vs simulated TPOT]({args.out.with_suffix('.png').name})", ""]
