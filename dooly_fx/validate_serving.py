@@ -212,7 +212,7 @@ def serve(spec, engine, requests: Sequence[Request], device: str = "cuda", *,
     by_id = {str(r.id): s for r, s in zip(requests, served, strict=True)}
     prompts = {r.id: rng.integers(0, vocab, r.prompt_tokens).tolist() for r in requests}
     manager.start()
-    timed_out = False
+    timed_out, collecting = False, gc.isenabled()
     try:
         _warm(manager, rng, vocab, min(512, cache.num_blocks * cache.block_size
                                        // (2 * WARMUP_REQUESTS), cache.max_batch_tokens))
@@ -258,7 +258,8 @@ def serve(spec, engine, requests: Sequence[Request], device: str = "cuda", *,
         wall = time.perf_counter() - t0
         allocator = {k: v - before[k] for k, v in _allocator_events(device).items()}
     finally:
-        gc.enable()
+        if collecting:
+            gc.enable()
         manager.stop(block=True, timeout=10, hard_stop=True)
         clock.restore()
         del manager, model
