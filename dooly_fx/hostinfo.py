@@ -37,9 +37,9 @@ PROBE_LOOP = 10_000
 def host_probe_ms(runs: int = 1) -> float:
     """How fast this host runs the interpreter right now: the median time, in ms, of `runs`
     runs of a fixed pure-Python loop. A step's host side (Python, dispatch, launches) takes
-    longer in proportion when the CPU is slower; a shared or throttled CPU changes this from
-    second to second (docs/predict.md, "Host speed"), so it is measured beside what it
-    calibrates."""
+    longer when the CPU is slower, by less than the probe does (`predict.host_elasticity`);
+    a shared or throttled CPU changes this from second to second (docs/predict.md, "Host
+    speed"), so it is measured beside what it calibrates."""
     samples = []
     for _ in range(runs):
         start = time.perf_counter()
