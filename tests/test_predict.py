@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import sympy
+import torch
 
 from dooly_fx.costs import cost, dim_value
 from dooly_fx.db import SHIPPED_DB, LatencyDB
@@ -454,6 +455,30 @@ def test_key_classes_of_paged_attention():
     sliding = {**decode, "scalars": [[4096, "eager"]]}  # a rolling buffer reads other counts
     assert not any("A" in p for p in points(sliding, Bounds()))
     assert not any("A" in p for p in points(GEMM, Bounds()))
+
+
+@pytest.mark.parametrize("engine", [EngineProfile(engine="paged", attn_impl="eager"),
+                                    EngineProfile(attn_impl="eager")])
+def test_validate_steps_times_forwards_in_the_engines_grad_mode(engine, monkeypatch):
+    """Both engines' forwards run under `torch.no_grad()` (not `inference_mode`, whose
+    cheaper dispatch would time a faster step than the engine's), warm-up included, with
+    the parameters requiring grad as the engine leaves them."""
+    from dooly_fx import validate
+
+    modes, build = [], validate.build_model
+
+    def recording(*args, **kwargs):
+        model = build(*args, **kwargs)
+        model.register_forward_pre_hook(lambda mod, _: modes.append(
+            (torch.is_grad_enabled(), torch.is_inference_mode_enabled(),
+             all(p.requires_grad for p in mod.parameters()))))
+        return model
+
+    monkeypatch.setattr(validate, "build_model", recording)
+    (step,) = validate.measure_steps(tiny_spec("llama-3.1-8b"), engine, ["decode:2x16"], "cpu",
+                                     warmup=1, reps=2)
+    assert step.reps == 2 and step.median_ms > 0
+    assert len(modes) == 2 + 1 + 2 and set(modes) == {(False, False, True)}
 
 
 def test_validate_steps_times_whole_paged_engine_steps(paged_db, tmp_path):
