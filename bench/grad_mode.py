@@ -48,6 +48,11 @@ from dooly_fx.validate import _timer, build_model, parse_batch
 STEP_BATCHES = ("decode:8x600", "decode:16x500", "decode:28x900", "decode:64x512",
                 "prefill:1x512", "mixed:1x256+1024,decode:15x512")
 UNIT_BATCHES = ("decode:16x500", "prefill:1x512")
+UNIT_MODES = {"profiled": (contextlib.nullcontext, False),
+              "engine_no_grad": (torch.no_grad, True),
+              "inference_mode": (torch.inference_mode, False)}
+"""How a unit's host issue is timed: (autograd context, weight inputs requiring grad): as the
+profiler times it, as the engine would run it, and under `inference_mode`."""
 
 
 def _frozen(model, frozen: bool):
@@ -122,18 +127,15 @@ def measure_units(db, env: str, spec, engine: EngineProfile, batches,
     rows = []
     for text in batches:
         step = predict_step(loaded, parse_batch(text))
-        sums = {"profiled": 0.0, "engine_no_grad": 0.0, "inference_mode": 0.0}
+        sums = dict.fromkeys(UNIT_MODES, 0.0)
         units = []
         for u in step.units:
             case = coll.cases.get(u.signature)
             if case is None:
                 continue
             got = {}
-            for mode in sums:
-                fn = _unit_fn(case, u.point, mode == "engine_no_grad", device)
-                ctx = (torch.no_grad if mode == "engine_no_grad" else
-                       torch.inference_mode if mode == "inference_mode" else
-                       contextlib.nullcontext)
+            for mode, (ctx, weights_require_grad) in UNIT_MODES.items():
+                fn = _unit_fn(case, u.point, weights_require_grad, device)
                 with ctx():
                     got[mode] = host_issue(fn, device)[0]
                 sums[mode] += u.count * got[mode]

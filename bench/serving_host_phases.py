@@ -28,7 +28,7 @@ from dooly_fx.db import LatencyDB
 from dooly_fx.predict import at_host_speed, load, predict_step
 
 
-def _run_rows(path: Path, db: LatencyDB, env: str) -> dict | None:
+def _run_row(path: Path, db: LatencyDB, env: str) -> dict | None:
     data = json.loads(path.read_text())
     run_probe = (data.get("host_speed") or {}).get("run_probe_ms")
     steps = [s for s in data["measured"]["steps"]
@@ -47,6 +47,7 @@ def _run_rows(path: Path, db: LatencyDB, env: str) -> dict | None:
     at_run = measured / np.array([predicted(run_probe, s) for s in steps])
     at_own = measured / np.array([predicted(p, s) for p, s in zip(probes, steps, strict=True)])
     return {"file": str(path), "model": data["model"], "engine": data["engine"],
+            "measured_on": data["measured_on"],
             "garbage_collector": data["settings"].get("garbage_collector", True),
             "probed_decode_steps": len(steps), "run_probe_ms": run_probe,
             "probe_p10_ms": float(np.percentile(probes, 10)),
@@ -57,9 +58,11 @@ def _run_rows(path: Path, db: LatencyDB, env: str) -> dict | None:
 
 
 def _markdown(result: dict) -> str:
+    machines = sorted({f"{m['device']}, torch {m['torch']}, transformers {m['transformers']}"
+                       for m in (r["measured_on"] for r in result["runs"])})
     lines = ["# Serving decode steps against the host's speed of the moment", "",
              f"- command: `{result['command']}` (CPU; the measurements are those of the GPU "
-             "runs, NVIDIA H100 80GB HBM3)",
+             f"runs: {'; '.join(machines)})",
              "- each decode-only step timed with a probe right after it: measured / predicted "
              "at the run's mean probe and at its own probe (`predict_step` + shape setup)", "",
              "| run | engine | steps | probe p10 / p90 ms | corr(log ratio, log probe) "
@@ -98,7 +101,7 @@ def main() -> None:
                    if e.get("device_type") == "cuda")
         for folder in args.runs:
             for path in sorted(folder.glob("serving_*.json")):
-                row = _run_rows(path, db, env)
+                row = _run_row(path, db, env)
                 if row is not None:
                     rows.append(row)
     result = {"command": "python bench/serving_host_phases.py " + " ".join(sys.argv[1:]),
