@@ -43,7 +43,7 @@ from dooly_fx.passes.taint import Config
 from dooly_fx.predict import load, predict_step
 from dooly_fx.profile import collect
 from dooly_fx.spec import resolve_model
-from dooly_fx.validate import _timer, build_model, parse_batch
+from dooly_fx.validate import _timer, engine_model, parse_batch
 
 STEP_BATCHES = ("decode:8x600", "decode:16x500", "decode:28x900", "decode:64x512",
                 "prefill:1x512", "mixed:1x256+1024,decode:15x512")
@@ -197,8 +197,7 @@ def main() -> None:
             name, attn = item.split(":")
             spec = resolve_model(name)
             engine = EngineProfile(engine="paged", attn_impl=attn)
-            model = build_model(spec, engine, "cuda")
-            model.set_attn_implementation(f"paged|{attn}")
+            model = engine_model(spec, engine, "cuda")
             steps = measure_steps(model, STEP_BATCHES, args.rounds)
             del model
             torch.cuda.empty_cache()

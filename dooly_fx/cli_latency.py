@@ -148,6 +148,9 @@ def cmd_predict(args: argparse.Namespace) -> None:
         if step.prepare_ms else ""
     out.print(f"total {step.total_ms:.3f} ms ({engine}{bound}-bound forward: GPU "
               f"{step.gpu_ms:.3f} ms, host {step.host_ms:.3f} ms)")
+    if step.units_host_ms is not None:
+        out.print(f"host: the engine's whole forward as profiled (forward_host); the units' "
+                  f"own issue times sum to {step.units_host_ms:.3f} ms")
     if loaded.probe_ms:
         out.print(f"host-side times at a host speed of {loaded.probe_ms:.3f} ms per host probe" + (
             f" (×{loaded.host_scale:.2f} the DB's: host work follows the probe at elasticity "

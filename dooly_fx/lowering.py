@@ -243,6 +243,26 @@ def _engine_prepare(case: UnitCase, point: Point, device: str) -> Runnable:
     return Runnable(fn, check)
 
 
+@register_lowering("forward_host")
+def _forward_host(case: UnitCase, point: Point, device: str) -> Runnable:
+    """The paged engine's whole forward over a decode step of N sequences on the model of
+    the signature (`paged.engine_forward`); its host issue time is what the unit is for."""
+    from dooly_fx.paged import engine_forward
+
+    seqs = point.get("N", 1)
+    fn, batch = engine_forward(case.canonical, device, seqs)
+
+    def check() -> None:
+        fn()
+        batch.io.retrieve_device_outputs()
+        ids = batch.io.output_ids[0, :seqs]
+        vocab = case.canonical["config"]["vocab_size"]
+        if not bool(((ids >= 0) & (ids < vocab)).all()):
+            raise AssertionError(f"the engine sampled {ids.tolist()}, not token ids < {vocab}")
+
+    return Runnable(fn, check)
+
+
 def moe_routing(tokens: int, top_k: int, experts: int, skew: float,
                 device: str) -> torch.Tensor:
     """(tokens, top_k) expert ids: each token's k distinct experts drawn with popularity

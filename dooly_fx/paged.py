@@ -19,6 +19,8 @@ with the read/write indices and block-diagonal mask continuous batching makes
 from __future__ import annotations
 
 import contextlib
+import functools
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -320,6 +322,68 @@ def engine_prepare(canonical: dict, device: str, new: list[int], cached: list[in
     return EngineBatch(config, getattr(torch, dtype), device, new, cached, block_size).prepare
 
 
+FORWARD_HOST_CACHED = 16
+"""Cached tokens of each sequence in the decode steps `engine_forward` runs."""
+_UNHASHED_FIELDS = ("transformers_version", "_name_or_path", "_commit_hash")
+
+
+def forward_host_canonical(config, engine) -> dict:
+    """The `forward_host` signature of a model under a paged `engine` (an `EngineProfile`):
+    the host work of the engine's forward depends on the model's code path (its class, depth
+    and every config flag) and on the engine (attention backend, dtype, experts and kernels),
+    not on the batch, so the signature is the model's whole config plus the engine, and its
+    one request variable, N, only says where it is timed."""
+    from dataclasses import asdict
+
+    fields = {k: v for k, v in config.to_diff_dict().items() if k not in _UNHASHED_FIELDS}
+    return {"kind": "forward_host",
+            "ops": [f"{config.model_type}.forward", "ModelRunner.compute_batch"],
+            "inputs": [["int64", ["N"]]], "outputs": [],
+            "scalars": [[engine.label]], "config": fields, "engine": asdict(engine)}
+
+
+_FORWARD_MODELS: dict[str, torch.nn.Module] = {}
+"""The model `engine_forward` built last (one at a time: the next signature's replaces it)."""
+
+
+def engine_forward(canonical: dict, device: str, seqs: int):
+    """(fn, batch): `fn()` runs the paged engine's forward (`EngineBatch.forward`) over a
+    decode step of `seqs` sequences of `FORWARD_HOST_CACHED` cached tokens each, in the
+    engine's autograd mode (`validate.engine_grad_mode`), on the model of a
+    `forward_host_canonical` with random weights (built once per signature and device);
+    `batch` is its `EngineBatch`."""
+    import json
+
+    from dooly_fx.engine import EngineProfile
+    from dooly_fx.spec import spec_from_config
+    from dooly_fx.validate import engine_grad_mode, engine_model
+
+    key = f"{device} {json.dumps(canonical, sort_keys=True)}"
+    if key not in _FORWARD_MODELS:
+        release_models()
+        spec = spec_from_config("forward_host", canonical["config"], "a forward_host signature")
+        _FORWARD_MODELS[key] = engine_model(spec, EngineProfile(**canonical["engine"]), device)
+    model = _FORWARD_MODELS[key]
+    batch = EngineBatch(model.config, model.dtype, device, [1] * seqs,
+                        [FORWARD_HOST_CACHED] * seqs)
+    forward = batch.forward(model)
+
+    def fn() -> None:
+        with engine_grad_mode():
+            forward()
+
+    return fn, batch
+
+
+def release_models() -> None:
+    """Free the model `engine_forward` keeps (the profiler calls this after each signature, so
+    that it holds no device memory while other units are timed)."""
+    if _FORWARD_MODELS:
+        _FORWARD_MODELS.clear()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
 class EngineBatch:
     """One continuous-batching step of `config`'s model for `(new, cached)` tokens per
     sequence, on transformers' own scheduler, cache and I/O objects sized for the batch
@@ -389,10 +453,19 @@ class EngineBatch:
         return self.io.get_model_kwargs()
 
     def step(self, model) -> None:
+        self._model_runner().compute_batch(model, self.prepare())
+        self.io.retrieve_device_outputs()
+
+    def forward(self, model) -> Callable[[], None]:
+        """The engine's forward over this step, prepared once, to run again and again: the
+        `ModelRunner`'s forward, logits processing and greedy sampling, with no wait for the
+        GPU (`io.retrieve_device_outputs()` brings the sampled ids back)."""
+        return functools.partial(self._model_runner().compute_batch, model, self.prepare())
+
+    def _model_runner(self):
         if self._runner is None:
             from transformers.generation.continuous_batching.model_runner import ModelRunner
 
             self._runner = ModelRunner(self.processors, self.cb, self.io, self.cache,
                                        do_sample=False, return_logprobs=False)
-        self._runner.compute_batch(model, self.prepare())
-        self.io.retrieve_device_outputs()
+        return self._runner

@@ -34,7 +34,7 @@ from dooly_fx.db import LatencyDB
 from dooly_fx.errors import UserError
 from dooly_fx.fit import LatencyModel, fit_key_classes, fit_unit, key_class_ratio
 from dooly_fx.hostinfo import device_sms
-from dooly_fx.names import ENGINE_PREPARE_ROLE, SHAPE_BUILD_SUFFIX
+from dooly_fx.names import ENGINE_PREPARE_ROLE, FORWARD_HOST_ROLE, SHAPE_BUILD_SUFFIX
 from dooly_fx.sweep import request_vars
 
 FIT_VERSION = 6
@@ -158,10 +158,12 @@ def host_elasticity(samples: Iterable[Sequence[tuple[float, float]]]) -> float:
 def environment_host(db: LatencyDB, env: str) -> tuple[float | None, float]:
     """(probe ms, elasticity) of an environment: its host speed (`LatencyDB.host_probe_ms`)
     and how its units' host times follow the probe (`host_elasticity` over the signatures
-    whose host work is per call; `engine_prepare`'s grows with the batch, so it is left
-    out)."""
+    whose host work is per call; `engine_prepare`'s grows with the batch, and a
+    `forward_host` sample spans seconds of a whole forward's calls, over which a probe
+    timed before and after says little, so both are left out)."""
     return db.host_probe_ms(env), host_elasticity(
-        samples for kind, samples in db.host_samples(env) if kind != "engine_prepare")
+        samples for kind, samples in db.host_samples(env)
+        if kind not in ("engine_prepare", "forward_host"))
 
 
 def environment_sms(db: LatencyDB, env: str) -> int | None:
@@ -216,6 +218,9 @@ class Loaded:
     engine_units: dict[tuple[str, str], list[Use]] = field(default_factory=dict)
     """The engine's own per-step host work before the forward (`engine_prepare`) per (phase,
     regime): serial with the forward, so not part of `uses` either."""
+    forward_units: dict[tuple[str, str], list[Use]] = field(default_factory=dict)
+    """The engine's whole forward timed for its host issue (`forward_host`) per (phase,
+    regime): where there is one, it is the step's host time, not the sum of its units'."""
     host_probe_ms: float | None = None
     """The environment's host speed (`LatencyDB.host_probe_ms`): its units' host times are
     at this speed."""
@@ -261,9 +266,11 @@ def load(db: LatencyDB, model: str, env: str, engine: str) -> Loaded:
     uses: dict[tuple[str, str], list[Use]] = {}
     builds: dict[tuple[str, str], list[Use]] = {}
     engine_units: dict[tuple[str, str], list[Use]] = {}
+    forward_units: dict[tuple[str, str], list[Use]] = {}
     for r in rows:
         into = (builds if r["role"].endswith(SHAPE_BUILD_SUFFIX) else
-                engine_units if r["role"] == ENGINE_PREPARE_ROLE else uses)
+                engine_units if r["role"] == ENGINE_PREPARE_ROLE else
+                forward_units if r["role"] == FORWARD_HOST_ROLE else uses)
         into.setdefault((r["phase"], r["regime"]), []).append(
             Use(r["role"], r["signature"], r["count"], r["binding"]))
     stored = db.fits(env)
@@ -282,7 +289,7 @@ def load(db: LatencyDB, model: str, env: str, engine: str) -> Loaded:
                             LatencyModel.from_json(model_json["gpu"]), model_json["host_ms"],
                             stored[key]["cv_mape"], model_json.get("key_classes", {}), sms)
     return Loaded(model, engine, env, config, uses, fits, missing, builds, engine_units,
-                  *environment_host(db, env))
+                  forward_units, *environment_host(db, env))
 
 
 def at_host_speed(loaded: Loaded, probe_ms: float | None) -> Loaded:
@@ -326,6 +333,9 @@ class Step:
     setup_ms: float = 0.0
     """What a step whose attention shape is new to the engine pays on top (paged engine:
     `shape_build`, e.g. cuDNN graph builds); not in `total_ms`."""
+    units_host_ms: float | None = None
+    """Σ count × host ms of the units, where the host time is the whole forward's
+    (`forward_host`) instead; None where it is this sum."""
 
     @property
     def total_ms(self) -> float:
@@ -337,6 +347,7 @@ class Step:
         return {"phase": self.phase, "regime": self.regime, "values": self.values,
                 "total_ms": self.total_ms, "gpu_ms": self.gpu_ms, "host_ms": self.host_ms,
                 "prepare_ms": self.prepare_ms, "setup_ms": self.setup_ms,
+                "units_host_ms": self.units_host_ms,
                 "units": [vars(u) for u in self.units]}
 
 
@@ -468,7 +479,12 @@ def predict_at(loaded: Loaded, phase: str, values: dict, skew: float = DEFAULT_S
     setup = predict_uses(loaded, loaded.builds.get((phase, regime), []), values)[2]
     prepare = predict_uses(loaded, loaded.engine_units.get((phase, regime), []),
                            values)[1] * loaded.host_scale
-    return Step(phase, regime, values, units, gpu, host, prepare, setup)
+    forward = loaded.forward_units.get((phase, regime))
+    if not forward:
+        return Step(phase, regime, values, units, gpu, host, prepare, setup)
+    # The whole forward's host issue: the units' and the Python between them.
+    whole = predict_uses(loaded, forward, values)[2]
+    return Step(phase, regime, values, units, gpu, whole, prepare, setup, units_host_ms=host)
 
 
 # --- continuous batching ---------------------------------------------------------------------

@@ -32,7 +32,8 @@ from dooly_fx.errors import UserError
 from dooly_fx.fused import fused_signature
 from dooly_fx.hostinfo import cpu_name
 from dooly_fx.lowering import UnitCase, lower
-from dooly_fx.names import ENGINE_PREPARE_ROLE, SHAPE_BUILD_SUFFIX
+from dooly_fx.names import ENGINE_PREPARE_ROLE, FORWARD_HOST_ROLE, SHAPE_BUILD_SUFFIX
+from dooly_fx.paged import release_models
 from dooly_fx.passes.partition import partition, unit_outputs, unit_subgraph
 from dooly_fx.passes.signature import binding, signature, signature_of
 from dooly_fx.passes.taint import META_KEY, Config, TensorLabel, taint
@@ -98,7 +99,7 @@ def collect(specs: Sequence[ModelSpec], engine: EngineProfile, phases: Sequence[
         for k, attentions in builds.items():  # one setup per attention group and step
             rows[k], bindings[k] = len(attentions), {}
         if engine.engine == "paged":
-            _add_engine_prepare(out, spec, engine, rows, bindings)
+            _add_per_step_units(out, spec, engine, rows, bindings)
         out.units[spec.name] = [(*k, c, bindings[k]) for k, c in rows.items() if c > 0]
         out.configs[spec.name] = spec.config.to_dict()
         if on_model is not None:
@@ -123,18 +124,26 @@ def _add_shape_build(out: Collection, model: str, builds: dict, key: tuple,
     _derived_case(out, sig.key, canonical, ["T"], model)
 
 
-def _add_engine_prepare(out: Collection, spec: ModelSpec, engine: EngineProfile, rows: dict,
+def _add_per_step_units(out: Collection, spec: ModelSpec, engine: EngineProfile, rows: dict,
                         bindings: dict) -> None:
-    """The engine's own per-step batch preparation (`paged.engine_prepare`) as one unit of
-    every step a phase records."""
-    from dooly_fx.paged import engine_prepare_canonical
+    """The paged engine's own per-step units, one of each in every step a phase records:
+    its batch preparation (`paged.engine_prepare`), and its whole forward, timed for its host
+    issue (`paged.engine_forward`: the host work between the units, module calls and
+    transformers' Python around each op, is part of every step, and only the whole forward
+    has it)."""
+    from dooly_fx.paged import engine_prepare_canonical, forward_host_canonical
 
-    canonical = engine_prepare_canonical(spec.config, engine.dtype, engine.attn_impl)
-    sig = signature_of(canonical)
-    for phase, regime in sorted({(k[0], k[1]) for k in rows}):
-        rows[(phase, regime, ENGINE_PREPARE_ROLE, sig.key)] = 1
-        bindings[(phase, regime, ENGINE_PREPARE_ROLE, sig.key)] = {}
-    _derived_case(out, sig.key, canonical, ["N", "P", "T"], spec.name)
+    steps = sorted({(k[0], k[1]) for k in rows})
+    for role, canonical, symbols in (
+            (ENGINE_PREPARE_ROLE,
+             engine_prepare_canonical(spec.config, engine.dtype, engine.attn_impl),
+             ["N", "P", "T"]),
+            (FORWARD_HOST_ROLE, forward_host_canonical(spec.config, engine), ["N"])):
+        sig = signature_of(canonical)
+        for phase, regime in steps:
+            rows[(phase, regime, role, sig.key)] = 1
+            bindings[(phase, regime, role, sig.key)] = {}
+        _derived_case(out, sig.key, canonical, symbols, spec.name)
 
 
 def _derived_case(out: Collection, key: str, canonical: dict, symbols: list[str],
@@ -410,6 +419,7 @@ def profile(db: LatencyDB, coll: Collection, env: Env, bounds: Bounds, device: s
             for _ in range(len(points(case.canonical, bounds)) - len(offered)):
                 if on_point:  # grid points the adaptive sweep left out
                     on_point()
+            release_models()  # a whole model built for this case holds no memory after it
     except BaseException:
         status = "interrupted"
         raise
@@ -472,7 +482,17 @@ def _measure_point(case: UnitCase, point: dict, device: str,
                    budget_ms: tuple[float, float]) -> Timing | str:
     """A Timing, 'oom', or a one-line error; a point is never timed before its check passes."""
     return _run_point(case, point, device, lambda fn: measure(
-        fn, device, warmup_ms=budget_ms[0], rep_ms=budget_ms[1]))
+        fn, device, warmup_ms=budget_ms[0], rep_ms=budget_ms[1],
+        **({"graphs": False, "host_calls": WHOLE_STEP_HOST_CALLS}
+           if case.kind in WHOLE_STEP_KINDS else {})))
+
+
+WHOLE_STEP_KINDS = ("forward_host",)
+"""Unit kinds timed for their host issue over a whole forward: not captured in a CUDA graph
+(their GPU time is not used; only `host_ms` is), and their host issue over more calls
+(`WHOLE_STEP_HOST_CALLS`), which then span seconds: the host's speed moves between levels
+within seconds (docs/predict.md, "Host speed")."""
+WHOLE_STEP_HOST_CALLS = 60
 
 
 def _run_point(case: UnitCase, point: dict, device: str, timed: Callable[[Callable], T]
@@ -526,6 +546,7 @@ def refresh_host(db: LatencyDB, coll: Collection, env: Env, device: str, command
                     rows.append((text, *outcome))
                 if on_point:
                     on_point()
+            release_models()
             if rows:
                 db.set_host(env.fingerprint, case.key, rows, run_id,
                             time.perf_counter() - started)

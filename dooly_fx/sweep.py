@@ -25,6 +25,10 @@ SEQ_GRID = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 CONTEXT_GRID = (16, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
 """Cached tokens per sequence (P)."""
 
+FORWARD_HOST_SEQS = (1, 2, 4, 8)
+"""Decode batch sizes at which a `forward_host` unit times the engine's forward: few
+sequences, so that the host, not the GPU, sets the pace."""
+
 MOE_SKEWS = (0.0, 1.0, 2.0)
 """Routing skews of MoE expert sweeps: the Zipf exponent of expert popularity (0 = uniform)."""
 
@@ -97,6 +101,8 @@ def points(canonical: dict, bounds: Bounds) -> list[dict[str, int]]:
         grids = [_thin(g, 2) if len(g) > 6 else g for g in grids]
     if canonical.get("kind") == "shape_build":  # a setup cost, nearly flat in T
         grids = [_thin(g, 4) for g in grids]
+    if canonical.get("kind") == "forward_host":  # host-bound steps only (`paged.engine_forward`)
+        grids = [[v for v in g if v in FORWARD_HOST_SEQS] for g in grids]
     if canonical.get("kind") == "moe_experts":  # routing is a value: its skew is swept too
         names, grids = [*names, "skew"], [*grids, list(MOE_SKEWS)]
     out = [dict(zip(names, values, strict=True)) for values in itertools.product(*grids)]

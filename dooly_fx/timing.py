@@ -34,10 +34,13 @@ def measure(
     min_samples: int = 10,
     max_samples: int = 1000,
     graphs: bool = True,
+    host_calls: int = 20,
 ) -> Timing:
-    """Median, mean, min, max and std of `fn()`'s run time in ms, plus its host issue time."""
+    """Median, mean, min, max and std of `fn()`'s run time in ms, plus its host issue time
+    (the median of `host_calls` calls, `host_issue`)."""
     if device.startswith("cuda"):
-        return _measure_cuda(fn, device, warmup_ms, rep_ms, min_samples, max_samples, graphs)
+        return _measure_cuda(fn, device, warmup_ms, rep_ms, min_samples, max_samples, graphs,
+                             host_calls)
     return _measure_cpu(fn, warmup_ms, rep_ms, min_samples, max_samples)
 
 
@@ -68,12 +71,13 @@ def _measure_cpu(fn, warmup_ms, rep_ms, min_samples, max_samples) -> Timing:
     return _summary(samples, (statistics.median(samples), host_probe_ms(5)))
 
 
-def _measure_cuda(fn, device, warmup_ms, rep_ms, min_samples, max_samples, graphs) -> Timing:
+def _measure_cuda(fn, device, warmup_ms, rep_ms, min_samples, max_samples, graphs,
+                  host_calls) -> Timing:
     torch.cuda.synchronize(device)
     cache = torch.empty(_L2_FLUSH_BYTES, dtype=torch.int8, device=device)
     fn()  # first call: lazy initialisation, autotuning
     torch.cuda.synchronize(device)
-    host = host_issue(fn, device)
+    host = host_issue(fn, device, calls=host_calls)
     run = (_graph_replay(fn, device) if graphs else None) or fn
     # Estimate one call, then warm up for the budget.
     first = torch.cuda.Event(enable_timing=True)

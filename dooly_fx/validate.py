@@ -124,6 +124,16 @@ def build_model(spec: ModelSpec, engine: EngineProfile, device: str,
     return model.eval()
 
 
+def engine_model(spec: ModelSpec, engine: EngineProfile, device: str,
+                 fused_kinds=None) -> torch.nn.Module:
+    """`build_model`, then, for the paged engine, the model switched to its `paged|<attn>`
+    attention, as continuous batching runs it."""
+    model = build_model(spec, engine, device, fused_kinds)
+    if engine.engine == "paged":
+        model.set_attn_implementation(f"paged|{engine.attn_impl}")
+    return model
+
+
 def _cache(model, batch: list[tuple[int, int]], device: str, dtype: torch.dtype,
            base: dict) -> object:
     """A fresh DynamicCache holding P random tokens per sequence (the same tensors each time:
@@ -183,9 +193,7 @@ def measure_steps(spec: ModelSpec, engine: EngineProfile, steps: Sequence[str], 
                   fused_kinds=None) -> list[MeasuredStep]:
     """Time each batch spec's real engine step; a step that runs out of memory is recorded
     as skipped. `fused_kinds`: see `build_model`."""
-    model = build_model(spec, engine, device, fused_kinds)
-    if engine.engine == "paged":
-        model.set_attn_implementation(f"paged|{engine.attn_impl}")
+    model = engine_model(spec, engine, device, fused_kinds)
     base: dict = {}
 
     def calls(batch):

@@ -10,6 +10,7 @@ import pytest
 import sympy
 import torch
 
+from dooly_fx import paged
 from dooly_fx.costs import cost, dim_value
 from dooly_fx.db import SHIPPED_DB, LatencyDB
 from dooly_fx.engine import EngineProfile
@@ -346,6 +347,7 @@ def paged_db(tmp_path_factory):
         result = profile(db, coll, env, Bounds(8, 2, 64), "cpu", "test", budget_ms=(0.5, 1.0))
         assert result.failed == 0 and result.measured > 0
         fit_db(db, env.fingerprint)
+    assert not paged._FORWARD_MODELS  # the whole model built for `forward_host` is freed
     return path, spec, engine, attn
 
 
@@ -368,6 +370,12 @@ def test_paged_engine_profiles_the_engines_own_attention_and_predicts_flat_steps
     def prepare(phase: str, values: dict) -> float:
         return predict_uses(loaded, loaded.engine_units[(phase, "")], values)[1]
 
+    # The engine's whole forward, timed for its host issue (`forward_host`): one per step of
+    # each phase, outside `uses`; it is the step's host time, the units' own sum kept beside.
+    assert {k: [u.role for u in us] for k, us in loaded.forward_units.items()} == {
+        ("decode", ""): ["engine:forward"], ("mixed", ""): ["engine:forward"]}
+    (whole,) = loaded.forward_units[("mixed", "")]
+
     # Two decodes with 32 cached tokens and a 4-token chunk on top of 32: T=6, N=3, P=32.
     expected = predict_step(loaded, [(1, 32), (1, 32), (4, 32)])
     assert expected.values == {"T": 6, "N": 3, "P": 32, "keys": 102}
@@ -376,6 +384,9 @@ def test_paged_engine_profiles_the_engines_own_attention_and_predicts_flat_steps
     assert expected.total_ms == pytest.approx(
         expected.prepare_ms + max(expected.gpu_ms, expected.host_ms))
     assert expected.setup_ms == 0.0  # paged|eager builds nothing per shape
+    assert expected.host_ms == loaded.fits[whole.signature].host_ms * loaded.host_scale > 0
+    assert expected.units_host_ms == pytest.approx(
+        sum(u.count * u.host_ms for u in expected.units))
     assert step([(1, 32), (1, 32), (4, 32)]) * 1e3 == pytest.approx(expected.total_ms)
     decode = predict_step(loaded, [(1, 32), (1, 32)])
     assert decode.prepare_ms == prepare("decode", decode.values)

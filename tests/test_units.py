@@ -172,6 +172,46 @@ def test_engine_batch_step_runs_the_engines_forward_and_sampling():
             assert batch.io.output_ids[0, :3].tolist() == want
 
 
+def test_forward_host_times_the_engines_whole_forward_in_its_grad_mode():
+    """A paged model's `forward_host` unit is one per step of each phase; its signature is
+    the whole config plus the engine (another attention backend is another signature), swept
+    over N in (1, 2, 4, 8) within the bounds; its runnable is the engine's forward
+    (`ModelRunner.compute_batch`: forward, logits, sampling) over N decodes, in the engine's
+    autograd mode, repeatable, its model kept until `release_models`."""
+    from dooly_fx.lowering import lower
+    from dooly_fx.passes.signature import signature_of
+    from dooly_fx.profile import collect
+    from dooly_fx.sweep import Bounds, points
+
+    spec = tiny_spec("llama-3.1-8b")
+    engine = EngineProfile(engine="paged", dtype="float32")
+    coll = collect([spec], engine, ["prefill", "decode"])
+    (case,) = [c for c in coll.cases.values() if c.kind == "forward_host"]
+    assert sorted(u[:2] + u[4:] for u in coll.units[spec.name] if u[3] == case.key) == [
+        ("decode", "", 1, {}), ("prefill", "", 1, {})]
+    assert case.canonical["config"]["num_hidden_layers"] == 3
+    assert case.canonical["scalars"] == [["paged|sdpa|float32"]]
+    eager = paged.forward_host_canonical(spec.config, EngineProfile(
+        engine="paged", attn_impl="eager", dtype="float32"))
+    assert signature_of(eager).key != case.key
+    assert signature_of(paged.forward_host_canonical(spec.config, engine)).key == case.key
+    assert points(case.canonical, Bounds()) == [{"N": n} for n in (1, 2, 4, 8)]
+    assert points(case.canonical, Bounds(max_seqs=2)) == [{"N": 1}, {"N": 2}]
+
+    runnable = lower(case, {"N": 3}, "cpu")
+    (model,) = paged._FORWARD_MODELS.values()
+    modes = []
+    model.register_forward_pre_hook(lambda mod, args, kwargs: modes.append(
+        (torch.is_grad_enabled(), torch.is_inference_mode_enabled(),
+         kwargs["input_ids"].shape[-1])), with_kwargs=True)
+    runnable.check()
+    runnable.fn()
+    assert modes == [(False, False, 3)] * 2
+    assert lower(case, {"N": 1}, "cpu") and list(paged._FORWARD_MODELS.values()) == [model]
+    paged.release_models()
+    assert not paged._FORWARD_MODELS
+
+
 def test_engine_attention_runs_the_sliding_window_path():
     """A sliding-window layer reads at most window - 1 cached tokens of each sequence from the
     engine's rolling buffer before writing the new ones (masked_scatter_ puts them in), and
