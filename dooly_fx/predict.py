@@ -13,7 +13,9 @@ recorded binding (`{"m": "B*S"}`, or `{"m": "B"}` for an LM head that keeps one 
 Host and device overlap: transformers issues kernels asynchronously, so a step whose kernels
 take longer on the GPU than the host needs to issue them is GPU-bound, and one whose Python and
 dispatch cost dominate is host-bound. Layers repeat, so after the first the issue queue is in
-a steady state and the step takes max(Σ host, Σ GPU) (see docs/predict.md). The paged engine
+a steady state and the step takes max(Σ host, Σ GPU) (see docs/predict.md); on a paged
+profile the host term is the engine's whole forward, timed per model (`forward_host`), as the
+units' sum leaves out transformers' Python between them. The paged engine
 prepares each batch on the host before its forward (`engine_prepare`), which adds to that, and
 a step whose attention shape is new to it also pays the attention's per-shape setup
 (`shape_build`, `Step.setup_ms`).
