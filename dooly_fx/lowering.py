@@ -49,6 +49,10 @@ class Runnable:
 
     fn: Callable[[], object]
     check: Callable[[], None]
+    graphs: bool = True
+    """Time GPU replays of a CUDA graph of `fn` where it can be captured (`timing.measure`)."""
+    host_calls: int = 20
+    """Calls whose median is its host issue time (`timing.host_issue`)."""
 
 
 Lowering = Callable[[UnitCase, Point, str], Runnable]
@@ -260,7 +264,9 @@ def _forward_host(case: UnitCase, point: Point, device: str) -> Runnable:
         if not bool(((ids >= 0) & (ids < vocab)).all()):
             raise AssertionError(f"the engine sampled {ids.tolist()}, not token ids < {vocab}")
 
-    return Runnable(fn, check)
+    # Only its host issue is used; 60 calls of a whole forward span seconds, over which the
+    # host's speed moves between levels (docs/predict.md, "Host speed").
+    return Runnable(fn, check, graphs=False, host_calls=60)
 
 
 def moe_routing(tokens: int, top_k: int, experts: int, skew: float,

@@ -31,7 +31,7 @@ from dooly_fx.engine import EngineProfile
 from dooly_fx.errors import UserError
 from dooly_fx.fused import fused_signature
 from dooly_fx.hostinfo import cpu_name
-from dooly_fx.lowering import UnitCase, lower
+from dooly_fx.lowering import Runnable, UnitCase, lower
 from dooly_fx.names import ENGINE_PREPARE_ROLE, FORWARD_HOST_ROLE, SHAPE_BUILD_SUFFIX
 from dooly_fx.paged import release_models
 from dooly_fx.passes.partition import partition, unit_outputs, unit_subgraph
@@ -481,28 +481,19 @@ def _measure_batch(db, case, claimed, env, device, run_id, result, on_point, bud
 def _measure_point(case: UnitCase, point: dict, device: str,
                    budget_ms: tuple[float, float]) -> Timing | str:
     """A Timing, 'oom', or a one-line error; a point is never timed before its check passes."""
-    return _run_point(case, point, device, lambda fn: measure(
-        fn, device, warmup_ms=budget_ms[0], rep_ms=budget_ms[1],
-        **({"graphs": False, "host_calls": WHOLE_STEP_HOST_CALLS}
-           if case.kind in WHOLE_STEP_KINDS else {})))
+    return _run_point(case, point, device, lambda run: measure(
+        run.fn, device, warmup_ms=budget_ms[0], rep_ms=budget_ms[1], graphs=run.graphs,
+        host_calls=run.host_calls))
 
 
-WHOLE_STEP_KINDS = ("forward_host",)
-"""Unit kinds timed for their host issue over a whole forward: not captured in a CUDA graph
-(their GPU time is not used; only `host_ms` is), and their host issue over more calls
-(`WHOLE_STEP_HOST_CALLS`), which then span seconds: the host's speed moves between levels
-within seconds (docs/predict.md, "Host speed")."""
-WHOLE_STEP_HOST_CALLS = 60
-
-
-def _run_point(case: UnitCase, point: dict, device: str, timed: Callable[[Callable], T]
+def _run_point(case: UnitCase, point: dict, device: str, timed: Callable[[Runnable], T]
                ) -> T | str:
-    """`timed(fn)` of the point's runnable once its check passed; 'oom', or a one-line
+    """`timed(runnable)` of the point's runnable once its check passed; 'oom', or a one-line
     error."""
     try:
         runnable = lower(case, point, device)
         runnable.check()
-        return timed(runnable.fn)
+        return timed(runnable)
     except torch.cuda.OutOfMemoryError:
         return "oom"
     except (RuntimeError, AssertionError, ValueError, TypeError, IndexError) as exc:
@@ -541,7 +532,8 @@ def refresh_host(db: LatencyDB, coll: Collection, env: Env, device: str, command
             rows, started = [], time.perf_counter()
             for text in todo.get(case.key, []):
                 outcome = _run_point(case, json.loads(text), device,
-                                     lambda fn: host_issue(fn, device))
+                                     lambda run: host_issue(run.fn, device,
+                                                            calls=run.host_calls))
                 if isinstance(outcome, tuple):
                     rows.append((text, *outcome))
                 if on_point:

@@ -199,6 +199,7 @@ def test_forward_host_times_the_engines_whole_forward_in_its_grad_mode():
     assert points(case.canonical, Bounds(max_seqs=2)) == [{"N": 1}, {"N": 2}]
 
     runnable = lower(case, {"N": 3}, "cpu")
+    assert not runnable.graphs and runnable.host_calls == 60  # only its host issue is used
     (model,) = paged._FORWARD_MODELS.values()
     modes = []
     model.register_forward_pre_hook(lambda mod, args, kwargs: modes.append(
