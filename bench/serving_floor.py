@@ -6,10 +6,10 @@ step times.
 Reads the measured runs in bench/results/serving/ (`validate-serving --json`) and writes
 bench/results/serving_floor.{json,md}. Three checks:
 
-* engine steps replayed: the simulator driven by the engine's own measured step durations
-  (a simulated step whose batch the engine also ran takes that step's median duration; any
-  other step is predicted from the DB). Where every simulated step is one the engine ran,
-  what is left is the scheduler's own error.
+* the scheduler in lockstep (`validate_serving.lockstep`): the simulator with step k lasting
+  what the engine's step k lasted. Its batches are compared with the engine's, step by step;
+  where they all match, the scheduler decides as the engine does, and every per-request
+  error of the DB model comes from its step times.
 * 1% step noise: the simulator with the DB's step times, against itself with every step time
   multiplied by exp(ε), ε ~ N(0, 0.01) (three seeds; the median is shown). A request's TTFT
   is a few steps long and depends on which step it arrives in, so a tiny error in step times
@@ -30,7 +30,7 @@ import numpy as np
 from dooly_fx.db import LatencyDB
 from dooly_fx.predict import FlatStepTime, at_host_speed, load
 from dooly_fx.simulate import simulate
-from dooly_fx.validate_serving import Served, _metric, compare
+from dooly_fx.validate_serving import Served, _metric, compare, lockstep
 
 SEEDS = (0, 1, 2)
 NOISE = 0.01
@@ -40,30 +40,9 @@ def _served(path: Path) -> Served:
     return Served.from_json(json.loads(path.read_text())["measured"])
 
 
-def _replayed(served: Served, loaded) -> tuple[dict, float]:
-    """The simulator on the engine's own step durations; the share of simulated steps that
-    the engine ran too."""
-    durations: dict[tuple, list[float]] = {}
-    for step in served.steps:
-        durations.setdefault(tuple(sorted(step.batch)), []).append(step.end_s - step.start_s)
-    hits = [0, 0]
-
-    def step_time():
-        model = FlatStepTime(loaded)
-
-        def time(batch):
-            key = tuple(sorted(batch))
-            hits[key in durations] += 1
-            return float(np.median(durations[key])) if key in durations else model(batch)
-        return time
-
-    report, _ = compare(served, step_time, served.scheduler())
-    return report, hits[1] / max(1, sum(hits))
-
-
 def _noise(served: Served, loaded) -> dict:
     """Per-request error of the simulation against itself with 1% noise on every step."""
-    reqs, config = served.workload(), served.scheduler()
+    reqs, config = served.workload(), served.scheduler(loaded.config)
     base = simulate(reqs, FlatStepTime(loaded), config)
     out = {"ttft": [], "tpot": []}
     for seed in SEEDS:
@@ -105,21 +84,18 @@ def main() -> None:
         loaded = at_host_speed(load(db, served.model, env, served.engine),
                                served.host_probe_ms)
         model, _ = compare(served, lambda loaded=loaded: FlatStepTime(loaded),
-                           served.scheduler())
-        replayed, hits = _replayed(served, loaded)
+                           served.scheduler(loaded.config))
         row = {"file": path.name, "model": served.model, "engine": served.engine,
                "requests": len(served.requests),
                "model_error": {m: {k: model[m][k] for k in ("mape", "p50_error", "p90_error")}
                                for m in ("ttft", "tpot")},
-               "replayed": {m: {k: replayed[m][k] for k in ("mape", "p50_error", "p90_error")}
-                            for m in ("ttft", "tpot")},
-               "replayed_steps_share": hits, "noise": _noise(served, loaded)}
+               "scheduler": model["scheduler"], "noise": _noise(served, loaded)}
         other = args.runs / "other_instance" / path.name
         if other.exists():
             row["other_instance"] = _against(served, _served(other))
         rows.append(row)
         print(path.name, f"model TTFT {model['ttft']['mape']:.1%}",
-              f"replayed {replayed['ttft']['mape']:.1%} ({hits:.0%} steps)",
+              f"lockstep {model['scheduler']['matched']}/{model['scheduler']['steps']} steps",
               f"noise {row['noise']['ttft']['mape']:.1%}", flush=True)
     same = []
     for a in sorted((args.runs / "same_instance").glob("serving_*_a.json")):
@@ -128,30 +104,41 @@ def main() -> None:
             sa = _served(a)
             same.append({"files": [a.name, b.name], "model": sa.model, "engine": sa.engine,
                          **_against(sa, _served(b))})
+    # The scheduler in lockstep on every recorded run, the other sets' included.
+    locked = []
+    for path in sorted(args.runs.rglob("serving_*.json")):
+        if "replayed" in path.parts:
+            continue
+        served = _served(path)
+        config = load(db, served.model, env, served.engine).config
+        locked.append({"file": str(path.relative_to(args.runs)), "model": served.model,
+                       "engine": served.engine, "timed_out": served.timed_out,
+                       **lockstep(served, served.scheduler(config))})
     meta = {"command": "python bench/serving_floor.py --db " + str(args.db),
             "noise_sd": NOISE, "seeds": list(SEEDS)}
-    args.out.write_text(json.dumps({"meta": meta, "runs": rows, "same_instance": same},
-                                   indent=1))
-    args.out.with_suffix(".md").write_text(_markdown(meta, rows, same))
+    args.out.write_text(json.dumps({"meta": meta, "runs": rows, "same_instance": same,
+                                    "lockstep": locked}, indent=1))
+    args.out.with_suffix(".md").write_text(_markdown(meta, rows, same, locked))
 
 
 def _pct(x: float | None, signed: bool = False) -> str:
     return "-" if x is None else f"{x:+.1%}" if signed else f"{x:.1%}"
 
 
-def _markdown(meta: dict, rows: list[dict], same: list[dict]) -> str:
+def _markdown(meta: dict, rows: list[dict], same: list[dict], locked: list[dict]) -> str:
     lines = [
         "# How small can a per-request error be on these runs?", "",
         f"- command: `{meta['command']}` (CPU; the measurements are the GPU runs in "
         "`bench/results/serving/`, each `validate-serving --json`)",
         "- TTFT / TPOT MAPE over requests, and the p50 error of TTFT; \"DB model\": the "
-        "simulator with the DB's step times (as `validate_serving.md`); \"engine steps "
-        "replayed\": with the engine's own measured step durations (share of simulated "
-        "steps the engine ran too); \"1% step noise\": the DB simulation against itself with "
+        "simulator with the DB's step times (as `validate_serving.md`); \"scheduler in "
+        "lockstep\": the simulator with each step lasting what the engine's step of the same "
+        "index lasted: its batches that are the engine's, and TTFT / TPOT MAPE; \"1% step "
+        "noise\": the DB simulation against itself with "
         f"every step time × exp(N(0, {meta['noise_sd']})), median of {len(meta['seeds'])} "
         "seeds; \"other instance\": the engine's run of the same workload on another machine "
         "instance, compared with this run like a prediction", "",
-        "| model | engine | DB model TTFT / TPOT (TTFT p50) | engine steps replayed | "
+        "| model | engine | DB model TTFT / TPOT (TTFT p50) | scheduler in lockstep | "
         "1% step noise | other instance |",
         "|---|---|---:|---:|---:|---:|"]
 
@@ -159,11 +146,15 @@ def _markdown(meta: dict, rows: list[dict], same: list[dict]) -> str:
         return (f"{_pct(r['ttft']['mape'])} / {_pct(r['tpot']['mape'])} "
                 f"({_pct(r['ttft']['p50_error'], True)})")
 
+    def lock(r: dict) -> str:
+        return (f"{r['matched']}/{r['steps']} batches, {_pct(r['ttft_mape'])} / "
+                f"{_pct(r['tpot_mape'])}")
+
     for r in rows:
         other = cell(r["other_instance"]) if "other_instance" in r else "-"
         lines.append(f"| {r['model']} | {r['engine'].replace('|', chr(92) + '|')} | "
-                     f"{cell(r['model_error'])} | {cell(r['replayed'])}, "
-                     f"{r['replayed_steps_share']:.0%} | {cell(r['noise'])} | {other} |")
+                     f"{cell(r['model_error'])} | {lock(r['scheduler'])} | "
+                     f"{cell(r['noise'])} | {other} |")
     if same:
         lines += ["", "The engine against itself on one machine instance, back to back "
                   "(`serving/same_instance/`):", "",
@@ -171,6 +162,20 @@ def _markdown(meta: dict, rows: list[dict], same: list[dict]) -> str:
         for s in same:
             lines.append(f"| {s['model']} | {s['engine'].replace('|', chr(92) + '|')} | "
                          f"{' vs '.join(s['files'])} | {cell(s)} |")
+    if locked:
+        matched = sum(r["matched"] for r in locked)
+        steps = sum(r["steps"] for r in locked)
+        lines += ["", f"The scheduler in lockstep on every recorded run ({len(locked)} runs, "
+                  f"{steps} engine steps; `validate_serving.lockstep`): {matched} batches "
+                  "formed as the engine formed them.", "",
+                  "| run | model | engine | batches as the engine's | first different | "
+                  "TTFT / TPOT MAPE |", "|---|---|---|---:|---:|---:|"]
+        for r in locked:
+            first = "-" if r["first_mismatch"] is None else str(r["first_mismatch"])
+            lines.append(f"| `{r['file']}`{' (time limit)' if r['timed_out'] else ''} | "
+                         f"{r['model']} | {r['engine'].replace('|', chr(92) + '|')} | "
+                         f"{r['matched']}/{r['steps']} | {first} | "
+                         f"{_pct(r['ttft_mape'])} / {_pct(r['tpot_mape'])} |")
     return "\n".join(lines) + "\n"
 
 

@@ -75,7 +75,7 @@ def main() -> None:
                "measured_on": r["measured_on"],
                "at_serving": {k: served[path.name][k]["mape"] for k in ("ttft", "tpot")},
                "host_speed": r.get("host_speed", {}),
-               "by_kind": s.get("by_kind", [])}
+               "by_kind": s.get("by_kind", []), "scheduler": r.get("scheduler")}
         rows.append(row)
         runs.append(r)
     summary = {
@@ -84,6 +84,15 @@ def main() -> None:
         "tpot_mape_median": float(np.median([r["tpot"]["mape"] for r in rows])),
         "step_mape_median": float(np.median([r["step_mape"] for r in rows])),
     }
+    locked = [r["scheduler"] for r in rows if r["scheduler"]]
+    if locked:
+        summary["scheduler"] = {
+            "runs": len(locked),
+            "runs_every_batch_matched": sum(x["matched"] == x["steps"] for x in locked),
+            "batches": sum(x["steps"] for x in locked),
+            "batches_matched": sum(x["matched"] for x in locked),
+            "ttft_mape_max": max(x["ttft_mape"] for x in locked),
+            "tpot_mape_max": max(x["tpot_mape"] for x in locked)}
     at_db = [r["host_speed"]["at_db_speed"] for r in rows if "at_db_speed" in r["host_speed"]]
     if at_db:
         summary["at_db_speed"] = {"runs": len(at_db), **{
@@ -152,6 +161,14 @@ def main() -> None:
                  f"probes): TTFT {summary['at_db_speed']['ttft_mape_median']:.1%}, TPOT "
                  f"{summary['at_db_speed']['tpot_mape_median']:.1%}, step "
                  f"{summary['at_db_speed']['step_mape_median']:.1%}."), ""]
+    if locked:
+        k = summary["scheduler"]
+        lines += [f"The scheduler in lockstep (`validate_serving.lockstep`: the simulator with "
+                  f"each step lasting what the engine's step of the same index lasted) forms "
+                  f"{k['batches_matched']} of the engine's {k['batches']} batches as the engine "
+                  f"did, every batch in {k['runs_every_batch_matched']} of {k['runs']} runs; its "
+                  f"TTFT / TPOT MAPE is at most {k['ttft_mape_max']:.1%} / "
+                  f"{k['tpot_mape_max']:.1%}. The errors above are the step times'.", ""]
     kinds = [k["kind"] for k in max((r["by_kind"] for r in rows), key=len)]
     if kinds:
         lines += ["Step time by kind of step, on the engine's own batches: steps, measured / "

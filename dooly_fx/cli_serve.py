@@ -54,12 +54,14 @@ def _requests(args: argparse.Namespace) -> tuple[list, dict]:
 
 def _scheduler(args: argparse.Namespace, db: LatencyDB, env: dict, loaded):
     """The scheduler config, and how its KV cache was sized (JSON)."""
-    from dooly_fx.serving import kv_bytes_per_token, size_kv_cache, weight_bytes
+    from dooly_fx.serving import cache_layout, kv_bytes_per_token, size_kv_cache, weight_bytes
     from dooly_fx.simulate import preset
 
     overrides = {k: getattr(args, k) for k in ("max_batch_tokens", "max_seqs", "block_size")
                  if getattr(args, k) is not None}
     cfg = preset(args.policy, **overrides)
+    if cfg.policy.startswith("transformers"):  # its cache's layer groups share the blocks
+        cfg = replace(cfg, **cache_layout(loaded.config))
     if args.num_blocks is not None:
         cfg = replace(cfg, num_blocks=args.num_blocks)
         return cfg, {"source": "--num-blocks", "num_blocks": cfg.num_blocks,
@@ -70,7 +72,8 @@ def _scheduler(args: argparse.Namespace, db: LatencyDB, env: dict, loaded):
                         "--num-blocks")
     sizing = size_kv_cache(loaded.model, float(memory) * 2**30, args.gpu_memory_fraction,
                            weight_bytes(db, loaded.model, env["fingerprint"], loaded.engine),
-                           kv_bytes_per_token(loaded.config, args.dtype), cfg.block_size)
+                           kv_bytes_per_token(loaded.config, args.dtype), cfg.block_size,
+                           cfg.full_groups + cfg.sliding_groups)
     return replace(cfg, num_blocks=sizing.num_blocks), {"source": "memory", **sizing.to_json()}
 
 
@@ -311,12 +314,13 @@ def cmd_validate_serving(args: argparse.Namespace) -> None:
                            on_done=lambda n: bar.update(task, completed=n))
     st = served.settings
     at_host = at_host_speed(loaded, served.host_probe_ms)
-    report, result = compare(served, lambda: FlatStepTime(at_host), served.scheduler())
+    sched = served.scheduler(loaded.config)
+    report, result = compare(served, lambda: FlatStepTime(at_host), sched)
     host = {"run_probe_ms": served.host_probe_ms, "db_probe_ms": loaded.host_probe_ms,
             "elasticity": loaded.host_elasticity, "host_scale": at_host.host_scale,
             "probes": sum(s.host_probe_ms is not None for s in served.steps)}
     if at_host is not loaded:  # also at the DB's own host speed, to show what it changes
-        at_db, _ = compare(served, lambda: FlatStepTime(loaded), served.scheduler())
+        at_db, _ = compare(served, lambda: FlatStepTime(loaded), sched)
         host["at_db_speed"] = {"ttft_mape": at_db["ttft"]["mape"],
                                "tpot_mape": at_db["tpot"]["mape"],
                                "step_mape": at_db["steps"].get("mape")}
@@ -374,6 +378,14 @@ def _print_serving(p: dict) -> None:
         if ms.get("gc") is not None:
             out.print(f"garbage-collector pauses per step: mean {ms['gc']:.2f} ms, longest "
                       f"{ms['gc_max']:.1f} ms")
+    lock = p.get("scheduler") or {}
+    if lock.get("steps"):
+        first = lock["first_mismatch"]
+        out.print(f"scheduler in lockstep (each step as long as the engine's): "
+                  f"{lock['matched']}/{lock['steps']} batches as the engine formed them"
+                  + ("" if first is None else f", the first different at step {first}")
+                  + f" · TTFT / TPOT MAPE {_pct(lock['ttft_mape'])} / "
+                  f"{_pct(lock['tpot_mape'])}")
     out.print(f"{p['finished']}/{p['requests']} requests finished in {p['wall_s']:.1f} s"
               + (" (time limit reached)" if p["timed_out"] else ""))
     host = p["host_speed"]

@@ -288,6 +288,18 @@ def new_shape_attention(heads: int, head_dim: int, dtype: torch.dtype, device: s
     return fn
 
 
+def cache_groups(config) -> dict[str, int]:
+    """How transformers' paged cache lays out a model's layers (`group_layers_by_attn_type`),
+    as `SchedulerConfig` fields: its full-attention and sliding-window layer groups, and the
+    window of the latter. `config`: a transformers config."""
+    from transformers.generation.continuous_batching.cache import group_layers_by_attn_type
+
+    _, types = group_layers_by_attn_type(config)
+    sliding = types.count("sliding_attention")
+    return {"full_groups": types.count("full_attention"), "sliding_groups": sliding,
+            "sliding_window": int(config.sliding_window) if sliding else 0}
+
+
 # --- the engine's own per-step work -----------------------------------------------------------
 
 def engine_prepare_canonical(config, dtype: str, attn_impl: str) -> dict:

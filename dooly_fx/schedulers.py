@@ -54,6 +54,14 @@ class SchedulerConfig:
     q_padding_interval: int = 64
     """transformers only: with padding, a varlen step's tokens are padded to a multiple of this
     (`q_padding_interval_size`)."""
+    full_groups: int = 1
+    """transformers only: full-attention layer groups of the paged cache
+    (`group_layers_by_attn_type`); each holds one physical block per block of a request."""
+    sliding_groups: int = 0
+    """transformers only: sliding-window layer groups; each holds one physical block per block
+    of a request, up to a window's worth (`sliding_blocks`) per request."""
+    sliding_window: int = 0
+    """transformers only: the sliding window in tokens (with sliding-window groups)."""
     max_blocks_per_request: int = 0
     """transformers only: decode fast path (flash_attn_with_kvcache block table) for
     sequences shorter than this many blocks; 0 disables it, as for `paged|sdpa`."""
@@ -72,9 +80,14 @@ class SchedulerConfig:
                      "q_padding_interval"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be a positive integer, got {getattr(self, name)}")
-        for name in ("max_blocks_per_request", "max_prefill_chunk"):
+        for name in ("max_blocks_per_request", "max_prefill_chunk", "full_groups",
+                     "sliding_groups", "sliding_window"):
             if getattr(self, name) < 0:
                 raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.full_groups + self.sliding_groups < 1:
+            raise UserError("the KV cache needs at least one layer group")
+        if self.sliding_groups and self.sliding_window < 1:
+            raise UserError("sliding-window layer groups need a sliding_window >= 1")
         if self.safety_margin is not None and not 0 <= self.safety_margin <= 1:
             raise UserError(f"safety_margin must be in [0, 1], got {self.safety_margin}")
         if self.max_graph_tokens is not None and self.max_graph_tokens < 1:
@@ -84,6 +97,34 @@ class SchedulerConfig:
     def num_pages(self) -> int:
         """Tokens the whole KV cache holds."""
         return self.num_blocks * self.block_size
+
+    @property
+    def sliding_blocks(self) -> int:
+        """The most blocks a request keeps in a sliding-window group, ceil(window / block)
+        (`SlidingAttentionCacheAllocator`)."""
+        return -(-self.sliding_window // self.block_size)
+
+    @property
+    def read_limit(self) -> float:
+        """The most cached tokens a request reads in a step: all of them, or with only
+        sliding-window groups the window (`Scheduler.read_cache_limit`)."""
+        return self.sliding_window if self.sliding_groups and not self.full_groups else inf
+
+    @property
+    def request_tokens(self) -> float:
+        """Most tokens one request can keep in the KV cache: `num_pages`, less where
+        transformers' layer groups each hold their own blocks of it (inf: a cache of
+        sliding-window groups only, which one request never outgrows)."""
+        full, sliding, window = self.full_groups, self.sliding_groups, self.sliding_blocks
+        if self.policy == "vllm" or (full == 1 and not sliding):
+            return self.num_pages
+        if not full:
+            return inf if sliding * window <= self.num_blocks else \
+                self.num_blocks // sliding * self.block_size
+        per = full + sliding
+        blocks = (self.num_blocks // per if per * window >= self.num_blocks
+                  else window + (self.num_blocks - per * window) // full)
+        return blocks * self.block_size
 
 
 # Engine defaults. transformers: `ContinuousBatchingConfig` (block_size 256), the memory
@@ -161,6 +202,7 @@ class TransformersScheduler:
             margin = 0.0 if self.prefill_first else 0.15
         self.margin_blocks = margin * cfg.num_blocks
         self.fast_len = cfg.max_blocks_per_request * cfg.block_size
+        self.read_limit = cfg.read_limit
         self.used_fast_path = False
         self.wait_min = inf  # lower bound on the prompt length of any waiting request
 
@@ -168,13 +210,34 @@ class TransformersScheduler:
         self.waiting.append(seq)
         self.wait_min = min(self.wait_min, seq.tokens - seq.computed)
 
+    # A request's `blocks` are transformers' `allocated_blocks`: blocks of its tokens, the
+    # most any layer group allocated. The free count is of physical blocks, shared by the
+    # groups: a full-attention group takes one per block, a sliding-window group one per
+    # block up to a window's worth (`PagedAttentionCache.blocks_needed`, `allocate_blocks`).
+
+    def _held(self, blocks: int) -> int:
+        """Physical blocks held by a request of `blocks` blocks."""
+        cfg = self.cfg
+        return cfg.full_groups * blocks + cfg.sliding_groups * min(blocks, cfg.sliding_blocks)
+
+    def _needed(self, blocks: int, more: int) -> int:
+        """Physical blocks to give a request of `blocks` blocks `more` more."""
+        return self._held(blocks + more) - self._held(blocks)
+
+    def _grown(self, blocks: int, more: int) -> int:
+        """`allocated_blocks` after allocating `more`: every group grows it by `more`, but a
+        sliding-window group stops at its window."""
+        if self.cfg.full_groups:
+            return blocks + more
+        return max(blocks, min(blocks + more, self.cfg.sliding_blocks))
+
     def has_work(self) -> bool:
         return bool(self.active or self.waiting)
 
     def release(self, seq: Seq) -> None:
         """A finished request frees its blocks and lets new requests in again."""
         del self.active[seq.idx]
-        self.free_blocks += seq.blocks
+        self.free_blocks += self._held(seq.blocks)
         seq.blocks = 0
         self.block_new = False
 
@@ -184,7 +247,7 @@ class TransformersScheduler:
             seq = self.active.pop(next(reversed(self.active)))
         else:
             seq = self.waiting.popleft()
-        self.free_blocks += seq.blocks
+        self.free_blocks += self._held(seq.blocks)
         seq.blocks = 0
         self.block_new = False
         return seq
@@ -224,24 +287,26 @@ class TransformersScheduler:
             rem = 1 if dec else s.tokens - s.computed
             n = rem if rem < token_budget else token_budget
             c = s.computed
+            read = c if c < self.read_limit else self.read_limit
             eligible = n == 1 and c < self.fast_len
-            if (not (fast and eligible) and cache_budget < c) or (n < rem and not chunked):
+            if (not (fast and eligible) and cache_budget < read) or (n < rem and not chunked):
                 continue
             occupancy = s.blocks * bs - c
             if occupancy < n or s.blocks == 0:
                 need = (n - occupancy + 1) // bs + 1  # _allocate_blocks_if_needed, verbatim
-                if need > free:
+                physical = self._needed(s.blocks, need)
+                if physical > free:
                     failed = True
-                    starved.append((s, need))
+                    starved.append((s, physical))
                     continue
-                s.blocks += need
-                self.free_blocks = free - need
+                s.blocks = self._grown(s.blocks, need)
+                self.free_blocks = free - physical
             s.chunk = n
             if n == rem:
                 s.decoding = True
             fast = fast and eligible
             token_budget -= n
-            cache_budget -= c
+            cache_budget -= read
             req_budget -= 1
             batch.append(s)
             if token_budget == 0 or (cache_budget <= 0 and not fast) or req_budget <= 0:
@@ -263,7 +328,8 @@ class TransformersScheduler:
         # Shortcut, same outcome: if even the shortest waiting prompt cannot get its blocks,
         # every waiting request fails allocation (and the scan stops at once if none are free).
         shortest = min(self.wait_min, token_budget)
-        if cfg.chunked_prefill and cache_budget >= 0 and (shortest + 1) // bs + 1 > free:
+        if (cfg.chunked_prefill and cache_budget >= 0
+                and self._needed(0, (shortest + 1) // bs + 1) > free):
             return fast, True
         admitted: list[Seq] = []
         skipped = False
@@ -280,15 +346,16 @@ class TransformersScheduler:
                 exact_min = min(exact_min, rem)
                 continue
             need = (n + 1) // bs + 1
-            if need > free:
+            physical = self._needed(0, need)
+            if physical > free:
                 failed = True
                 if free == 0:
                     break
                 skipped = True
                 exact_min = min(exact_min, rem)
                 continue
-            s.blocks = need
-            self.free_blocks = free - need
+            s.blocks = self._grown(0, need)
+            self.free_blocks = free - physical
             s.chunk = n
             s.decoding = n == rem
             if s.started < 0:
@@ -321,10 +388,10 @@ class TransformersScheduler:
             seq, need = starved.pop()
             victims.append(seq)
             demand -= need
-            free += seq.blocks
+            free += self._held(seq.blocks)
         for seq in reversed(victims):
             del self.active[seq.idx]
-            self.free_blocks += seq.blocks
+            self.free_blocks += self._held(seq.blocks)
             seq.reset()
             self.add(seq)
         if victims:

@@ -65,7 +65,7 @@ def kv_bytes_per_token(config: dict, dtype: str) -> int:
 
     Every layer counts, sliding-window ones included: transformers' paged cache gives each
     layer group the same number of pages, so a sliding-window layer reserves as much memory as
-    a global one (it only allocates fewer of them per request, which is not modelled).
+    a global one; it only takes fewer blocks per request (`cache_layout`).
     """
     try:
         layers = int(config["num_hidden_layers"])
@@ -76,6 +76,15 @@ def kv_bytes_per_token(config: dict, dtype: str) -> int:
         raise UserError(f"model config lacks a field needed to size the KV cache: {exc}") \
             from None
     return 2 * layers * kv_heads * head_dim * itemsize(dtype)
+
+
+def cache_layout(config: dict) -> dict[str, int]:
+    """transformers' paged-cache layer groups of a model config as the DB records it
+    (`paged.cache_groups`), as `SchedulerConfig` fields."""
+    from dooly_fx.paged import cache_groups
+    from dooly_fx.spec import spec_from_config
+
+    return cache_groups(spec_from_config("model", config, "the DB's model config").config)
 
 
 @dataclass(frozen=True)
@@ -90,6 +99,8 @@ class KVSizing:
     kv_bytes_per_token: int
     block_size: int
     num_blocks: int
+    groups: int = 1
+    """Layer groups sharing the blocks: a block holds `block_size` tokens of one group."""
 
     @property
     def cache_bytes(self) -> float:
@@ -99,21 +110,23 @@ class KVSizing:
         return {"memory_bytes": self.memory_bytes, "fraction": self.fraction,
                 "weight_bytes": self.weight_bytes, "kv_bytes_per_token": self.kv_bytes_per_token,
                 "cache_bytes": self.cache_bytes, "block_size": self.block_size,
-                "num_blocks": self.num_blocks, "tokens": self.num_blocks * self.block_size}
+                "num_blocks": self.num_blocks, "groups": self.groups,
+                "tokens": self.num_blocks * self.block_size // self.groups}
 
 
 def size_kv_cache(model: str, memory_bytes: float, fraction: float, weights: int,
-                  per_token: int, block_size: int) -> KVSizing:
-    """Blocks of `block_size` tokens that fit in memory × fraction − weights. A model whose
+                  per_token: int, block_size: int, groups: int = 1) -> KVSizing:
+    """Blocks of `block_size` tokens of one of `groups` equal layer groups (transformers'
+    paged cache; 1: every layer) that fit in memory × fraction − weights. A model whose
     weights leave no room for even one block is a UserError."""
     if not 0 < fraction <= 1:
         raise UserError(f"--gpu-memory-fraction must be in (0, 1], got {fraction}")
     free = memory_bytes * fraction - weights
-    blocks = num_blocks_for(free, per_token, block_size) if free > 0 else 0
+    blocks = num_blocks_for(free * groups, per_token, block_size) if free > 0 else 0
     if blocks < 1:
         raise UserError(
             f"{model} does not fit: {weights / 2**30:.1f} GiB of weights in "
             f"{fraction:g} × {memory_bytes / 2**30:.1f} GiB leaves no room for one KV block "
-            f"({per_token * block_size / 2**20:.1f} MiB); use a larger GPU or "
+            f"({per_token * block_size / groups / 2**20:.1f} MiB); use a larger GPU or "
             "--gpu-memory-fraction, or pass --num-blocks")
-    return KVSizing(memory_bytes, fraction, weights, per_token, block_size, blocks)
+    return KVSizing(memory_bytes, fraction, weights, per_token, block_size, blocks, groups)

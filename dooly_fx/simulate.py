@@ -97,7 +97,8 @@ class _Engine:
         self.busy = False
         self.wake_pending = False
         self.dropped = 0
-        limit = cfg.num_pages if cfg.chunked_prefill else min(cfg.num_pages, cfg.max_batch_tokens)
+        limit = cfg.request_tokens if cfg.chunked_prefill else min(cfg.request_tokens,
+                                                                   cfg.max_batch_tokens)
         self.max_len = limit
         total = sum(r.prompt_tokens + r.output_tokens for r in requests)
         self.max_steps = 64 * total + 1000  # every step computes >= 1 token: a livelock guard

@@ -144,18 +144,30 @@ class Served:
         return run_host_probe_ms([s.host_probe_ms for s in self.steps
                                   if s.host_probe_ms is not None])
 
-    def scheduler(self):
-        """The simulator's scheduler with this run's engine settings (transformers policy)."""
+    def scheduler(self, config=None):
+        """The simulator's scheduler with this run's engine settings (transformers policy).
+        The cache's layer groups are the engine's, recorded with the run, or for a run
+        recorded before them, those of the model's `config` as the DB records it
+        (`serving.cache_layout`; None: one full-attention group)."""
         from dooly_fx.schedulers import preset
 
         st = self.settings
+        groups = {k: st[k] for k in ("full_groups", "sliding_groups", "sliding_window")
+                  if k in st}
+        if not groups and config is not None:
+            from dooly_fx.serving import cache_layout
+
+            groups = cache_layout(config)
         return preset("transformers", block_size=st["block_size"], num_blocks=st["num_blocks"],
-                      max_batch_tokens=st["max_batch_tokens"], max_seqs=st["max_seqs"])
+                      max_batch_tokens=st["max_batch_tokens"], max_seqs=st["max_seqs"],
+                      **groups)
 
     def workload(self) -> list[Request]:
-        """The requests as they reached the engine: arrival = submission time."""
-        return [Request(r.id, r.submitted_s, r.prompt_tokens, r.output_tokens)
-                for r in self.requests]
+        """The requests as they reached the engine: arrival = submission time, or for a
+        request that never returned (a run cut off by its time limit), its arrival time
+        (the feeder is late by about 0.1 ms)."""
+        return [Request(r.id, r.submitted_s if math.isfinite(r.submitted_s) else r.arrival_s,
+                        r.prompt_tokens, r.output_tokens) for r in self.requests]
 
 
 def serve(spec, engine, requests: Sequence[Request], device: str = "cuda", *,
@@ -197,6 +209,10 @@ def serve(spec, engine, requests: Sequence[Request], device: str = "cuda", *,
     processor = manager.batch_processor
     cache = processor.cache
     settings = {"block_size": cache.block_size, "num_blocks": cache.num_blocks,
+                "full_groups": cache.num_full_attention_groups,
+                "sliding_groups": cache.num_sliding_attention_groups,
+                "sliding_window": int(getattr(model.config, "sliding_window", None) or 0)
+                if cache.num_sliding_attention_groups else 0,
                 "max_batch_tokens": cache.max_batch_tokens,
                 "max_seqs": manager.continuous_batching_config.max_requests_per_batch,
                 "attn_implementation": model.config._attn_implementation,
@@ -464,6 +480,7 @@ def compare(served: Served, step_time: Callable[[], Callable], config) -> tuple[
         "tpot": _metric(meas_tpot, sim_tpot[idx]),
         "steps": step_report(served.steps, step_time()),
         "simulated_steps": int(len(result.steps["duration"])),
+        "scheduler": lockstep(served, config),
     }
     report["per_request"] = [
         {"id": r.id, "prompt": r.prompt_tokens, "output": r.output_tokens,
@@ -471,6 +488,51 @@ def compare(served: Served, step_time: Callable[[], Callable], config) -> tuple[
          "sim_ttft": _num(sim_ttft[i]), "sim_tpot": _num(sim_tpot[i])}
         for r, i in zip(served.requests, idx, strict=True)]
     return report, result
+
+
+def lockstep(served: Served, config) -> dict:
+    """The simulator's scheduler (`config`) against the engine's, on the engine's own clock:
+    the requests as they reached the engine, simulated with step k lasting what the engine's
+    step k lasted (its start to the next step's start, so that idle waits fall where the
+    engine had them), and the batches compared step by step. A scheduler that decides as
+    the engine does forms the engine's batches, one for one; the per-request error of
+    `compare` is then all the step-time model's. Returns the steps of both, how many
+    simulated batches are the engine's (the same (new, cached) per sequence), the first that
+    is not (None: none; a run cut off by its time limit may be simulated further), and
+    TTFT/TPOT MAPE of this simulation against the measurement
+    (small, not 0: a step before an idle wait ends, here, when the next one starts)."""
+    from dooly_fx.simulate import simulate
+
+    steps = served.steps
+    if not steps:
+        return {"steps": 0}
+    lasted = [b.start_s - a.start_s for a, b in zip(steps, steps[1:], strict=False)]
+    lasted.append(steps[-1].end_s - steps[-1].start_s)
+    formed: list[list[tuple[int, int]]] = []
+
+    def step_time(batch) -> float:
+        formed.append(sorted(batch))
+        k = len(formed) - 1
+        return lasted[k] if k < len(lasted) else float(np.median(lasted))
+
+    result = simulate(served.workload(), step_time, config)
+    same = [a == sorted(b.batch) for a, b in zip(formed, steps, strict=False)]
+    order = {r.id: i for i, r in enumerate(result.requests)}
+    idx = [order[r.id] for r in served.requests]
+    return {"steps": len(steps), "simulated_steps": len(formed), "matched": int(sum(same)),
+            "first_mismatch": next((k for k, ok in enumerate(same) if not ok),
+                                   None if len(formed) == len(steps) or (
+                                       served.timed_out and len(formed) > len(steps))
+                                   else len(same)),
+            "ttft_mape": _mape(np.array([r.ttft for r in served.requests]),
+                               result.ttft[idx]),
+            "tpot_mape": _mape(np.array([r.tpot for r in served.requests]),
+                               result.tpot[idx])}
+
+
+def _mape(measured: np.ndarray, simulated: np.ndarray) -> float | None:
+    ape = _ape(simulated, measured)
+    return float(ape.mean()) if ape.size else None
 
 
 def step_report(steps: Sequence[EngineStep], step_time) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +14,14 @@ import pytest
 from dooly_fx.cli import main
 from dooly_fx.db import SHIPPED_DB, LatencyDB
 from dooly_fx.errors import UserError
-from dooly_fx.serving import kv_bytes_per_token, size_kv_cache, unit_weight_bytes, weight_bytes
-from dooly_fx.validate_serving import PROBE_EVERY
+from dooly_fx.serving import (
+    cache_layout,
+    kv_bytes_per_token,
+    size_kv_cache,
+    unit_weight_bytes,
+    weight_bytes,
+)
+from dooly_fx.validate_serving import PROBE_EVERY, Served, lockstep
 from dooly_fx.vidur import attention_header, num_tokens_grid
 
 from tiny import tiny_spec
@@ -182,6 +189,20 @@ def test_kv_bytes_per_token_and_cache_blocks():
         size_kv_cache("m", 1000.0, 0.5, 480, 10, 4)
     with pytest.raises(UserError, match="kv_bytes|num_hidden_layers"):
         kv_bytes_per_token({"hidden_size": 8}, "bfloat16")
+    # Two layer groups: a block holds one group's layers, so twice as many fit.
+    assert size_kv_cache("m", 1000.0, 0.5, 100, 10, 4, groups=2).num_blocks == 400 // 20
+
+
+def test_cache_layout_is_transformers_grouping():
+    from dooly_fx.spec import resolve_model
+
+    layouts = {m: cache_layout(resolve_model(m).config.to_dict())
+               for m in ("llama-3.1-8b", "gemma-2-9b", "phi-3-mini", "command-r7b")}
+    assert layouts == {
+        "llama-3.1-8b": {"full_groups": 1, "sliding_groups": 0, "sliding_window": 0},
+        "gemma-2-9b": {"full_groups": 1, "sliding_groups": 1, "sliding_window": 4096},
+        "phi-3-mini": {"full_groups": 0, "sliding_groups": 1, "sliding_window": 2047},
+        "command-r7b": {"full_groups": 1, "sliding_groups": 3, "sliding_window": 4096}}
 
 
 # --- export-vidur from a tiny CPU profile ----------------------------------------------------
@@ -366,6 +387,17 @@ def test_validate_serving_serves_every_token_and_replays_the_same_report(tiny_db
     assert run["steps"]["measured_ms"]["gc"] >= 0
     assert run["ttft"]["requests"] == 6 and run["ttft"]["mape"] >= 0
     assert run["steps"]["steps"] == len(measured["steps"])
+    # The simulator's scheduler, given the engine's own step durations, forms the engine's
+    # batches one for one (chunked prompts, a cache of 8 blocks); its request times differ
+    # only where the engine sat idle (the wait counts in the step before it).
+    lock = run["scheduler"]
+    assert lock["steps"] == lock["simulated_steps"] == lock["matched"] == len(measured["steps"])
+    assert lock["first_mismatch"] is None and lock["ttft_mape"] < 0.05
+    served = Served.from_json(measured)
+    assert lockstep(served, served.scheduler()) == lock
+    # A scheduler with another token budget chunks the first long prompt differently.
+    tight = lockstep(served, replace(served.scheduler(), max_batch_tokens=3))
+    assert tight["first_mismatch"] == 0 and tight["matched"] < tight["steps"]
     kinds = {k["kind"]: k["steps"] for k in run["steps"]["by_kind"]}
     assert sum(kinds.values()) == len(measured["steps"])
     assert kinds.get("decode only", 0) == sum(all(n == 1 for n in s["new"])

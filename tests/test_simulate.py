@@ -113,6 +113,36 @@ def test_request_larger_than_cache_is_rejected(name):
     assert s["rejected"] == 1 and s["completed"] == 1 and s["ttft"]["p50"] == 0.25
 
 
+def test_transformers_layer_groups_share_the_blocks():
+    # paged cache of a full and a sliding-window group (gemma-2), window of 2 blocks of 16:
+    # a 100-token prompt takes (100 + 1) // 16 + 1 = 7 blocks, so 7 full + 2 sliding.
+    hybrid = cfg("transformers", block_size=16, num_blocks=40, full_groups=1,
+                 sliding_groups=1, sliding_window=32)
+    res = simulate([Request(0, 0.0, 100, 1)], Recorder(), hybrid)
+    assert res.steps["kv_blocks"].tolist() == [9]
+    # The longest request one can hold: 2 blocks in both groups, then 36 in the full one.
+    assert hybrid.request_tokens == (2 + 36) * 16
+    # Sliding-window groups only (phi-3-mini): a request never holds more than its window,
+    # whatever its length, so a 200-token request fits 4 blocks of 16 tokens; each step
+    # reads at most the window's 31 tokens of its cache.
+    window = cfg("transformers", block_size=16, num_blocks=4, full_groups=0,
+                 sliding_groups=1, sliding_window=31)
+    res = simulate([Request(0, 0.0, 150, 50)], Recorder(), window)
+    assert window.request_tokens == math.inf and window.read_limit == 31
+    assert not res.rejected[0] and res.finish[0] == 50 * 0.25
+    assert res.steps["kv_blocks"].max() == 2
+    # Two requests that fit one full-attention group's blocks do not fit two groups'.
+    reqs = [Request(0, 0.0, 40, 1), Request(1, 0.0, 40, 1)]  # 3 blocks each
+    one, two = Recorder(), Recorder()
+    simulate(reqs, one, cfg("transformers", block_size=16, num_blocks=8, safety_margin=0.0))
+    simulate(reqs, two, cfg("transformers", block_size=16, num_blocks=8, safety_margin=0.0,
+                            sliding_groups=1, sliding_window=64))
+    assert one.batches == [[(40, 0), (40, 0)]]
+    assert two.batches == [[(40, 0)], [(40, 0)]]
+    with pytest.raises(UserError, match="sliding_window"):
+        cfg("transformers", sliding_groups=1)
+
+
 def test_transformers_safety_margin_holds_back_new_prefills():
     reqs = [Request(0, 0.0, 8, 2), Request(1, 0.0, 2, 1)]  # 3 blocks + 1 block of 4 blocks
     tight, loose = Recorder(), Recorder()
