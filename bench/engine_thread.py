@@ -43,31 +43,8 @@ from dooly_fx.hostinfo import host_probe_ms, machine
 from dooly_fx.paged import EngineBatch
 from dooly_fx.spec import resolve_model
 from dooly_fx.validate import engine_grad_mode, engine_model
-from dooly_fx.validate_serving import serve
+from dooly_fx.validate_serving import AttentionClock, serve
 from dooly_fx.workload import Request
-
-ATTENTION = torch.nn.functional.scaled_dot_product_attention
-
-
-class AttentionClock:
-    """Host ms of the sdpa calls made while it is on (transformers looks the function up at
-    each call): a paged sdpa step whose key count is new pays cuDNN graph builds there, which
-    the engine's decode steps do every step and repeated isolated steps do not."""
-
-    def __init__(self) -> None:
-        self.ms = 0.0
-
-    def __enter__(self):
-        def timed(*args, **kwargs):
-            start = time.perf_counter()
-            out = ATTENTION(*args, **kwargs)
-            self.ms += (time.perf_counter() - start) * 1e3
-            return out
-        torch.nn.functional.scaled_dot_product_attention = timed
-        return self
-
-    def __exit__(self, *exc) -> None:
-        torch.nn.functional.scaled_dot_product_attention = ATTENTION
 
 
 def engine_steps(spec, engine: EngineProfile, seqs: int, cached: int, tokens: int,
@@ -106,7 +83,7 @@ def isolated_steps(model, batch: EngineBatch, calls: int) -> dict:
                 step.append((end - start) * 1e3)
                 prepare.append((mid - start) * 1e3)
                 forward.append((end - mid) * 1e3)
-                attention.append(clock.ms)
+                attention.append(sum(clock.calls))
     return {"step_ms": step, "prepare_ms": prepare, "forward_ms": forward,
             "attention_ms": attention, "probe_ms": [probe, host_probe_ms()]}
 

@@ -116,7 +116,7 @@ class SchedulerConfig:
         transformers' layer groups each hold their own blocks of it (inf: a cache of
         sliding-window groups only, which one request never outgrows)."""
         full, sliding, window = self.full_groups, self.sliding_groups, self.sliding_blocks
-        if self.policy == "vllm" or (full == 1 and not sliding):
+        if self.policy == "vllm":
             return self.num_pages
         if not full:
             return inf if sliding * window <= self.num_blocks else \

@@ -302,6 +302,44 @@ def _allocator_events(device: str) -> dict[str, int]:
     return {name: int(stats.get(key, 0)) for name, key in _ALLOCATOR_EVENTS.items()}
 
 
+class AttentionClock:
+    """The host ms of every `torch.nn.functional.scaled_dot_product_attention` call made while
+    it is installed (transformers' attention functions look the function up at each call).
+    Where PyTorch picks cuDNN, a call at a shape it has not met builds a graph first: that
+    build is most of it. `with AttentionClock() as clock:` or `install()` / `remove()`."""
+
+    def __init__(self) -> None:
+        import torch
+
+        self.calls: list[float] = []
+        self._sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def install(self) -> None:
+        import torch
+
+        sdpa = self._sdpa
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            out = sdpa(*args, **kwargs)
+            self.calls.append((time.perf_counter() - start) * 1e3)
+            return out
+
+        torch.nn.functional.scaled_dot_product_attention = timed
+
+    def remove(self) -> None:
+        import torch
+
+        torch.nn.functional.scaled_dot_product_attention = self._sdpa
+
+    def __enter__(self) -> AttentionClock:
+        self.install()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
 class _StepClock:
     """Times every step of a `ContinuousBatchProcessor` by wrapping three of its methods on
     the instance (the manager's loop calls them through the instance), and the host time of
@@ -311,23 +349,14 @@ class _StepClock:
     `PROBE_EVERY` steps it also times the host probe, after the step's end is taken."""
 
     def __init__(self, processor, steps: list[EngineStep]) -> None:
-        import torch
-
         from dooly_fx.hostinfo import host_probe_ms
 
         self.processor, self.steps, self.t0 = processor, steps, 0.0
         self._pending: tuple | None = None
-        self._attention: list[float] = []
+        self._attention = AttentionClock()
         self._gc_ms, self._gc_start = 0.0, 0.0
         prepare, step, update = (processor.prepare_next_batch, processor._generation_step,
                                  processor.update_batch)
-        self._sdpa = sdpa = torch.nn.functional.scaled_dot_product_attention
-
-        def timed_sdpa(*args, **kwargs):
-            start = time.perf_counter()
-            out = sdpa(*args, **kwargs)
-            self._attention.append((time.perf_counter() - start) * 1e3)
-            return out
 
         def timed_prepare():
             start = time.perf_counter()
@@ -341,10 +370,10 @@ class _StepClock:
             return ready
 
         def timed_step(model):
-            self._attention.clear()
+            self._attention.calls.clear()
             forward = time.perf_counter()
             step(model)
-            self._synced = (forward, time.perf_counter(), list(self._attention))
+            self._synced = (forward, time.perf_counter(), list(self._attention.calls))
 
         def timed_update():
             update()
@@ -364,7 +393,7 @@ class _StepClock:
         processor.prepare_next_batch = timed_prepare
         processor._generation_step = timed_step
         processor.update_batch = timed_update
-        torch.nn.functional.scaled_dot_product_attention = timed_sdpa
+        self._attention.install()
         gc.callbacks.append(self._collection)
 
     def _collection(self, phase: str, info: dict) -> None:
@@ -375,11 +404,9 @@ class _StepClock:
             self._gc_ms += (time.perf_counter() - self._gc_start) * 1e3
 
     def restore(self) -> None:
-        import torch
-
         for name in ("prepare_next_batch", "_generation_step", "update_batch"):
             self.processor.__dict__.pop(name, None)
-        torch.nn.functional.scaled_dot_product_attention = self._sdpa
+        self._attention.remove()
         if self._collection in gc.callbacks:
             gc.callbacks.remove(self._collection)
 
@@ -524,15 +551,9 @@ def lockstep(served: Served, config) -> dict:
                                    None if len(formed) == len(steps) or (
                                        served.timed_out and len(formed) > len(steps))
                                    else len(same)),
-            "ttft_mape": _mape(np.array([r.ttft for r in served.requests]),
-                               result.ttft[idx]),
-            "tpot_mape": _mape(np.array([r.tpot for r in served.requests]),
-                               result.tpot[idx])}
-
-
-def _mape(measured: np.ndarray, simulated: np.ndarray) -> float | None:
-    ape = _ape(simulated, measured)
-    return float(ape.mean()) if ape.size else None
+            **{f"{m}_mape": _metric(np.array([getattr(r, m) for r in served.requests]),
+                                    getattr(result, m)[idx])["mape"]
+               for m in ("ttft", "tpot")}}
 
 
 def step_report(steps: Sequence[EngineStep], step_time) -> dict:
