@@ -161,7 +161,11 @@ def cmd_predict(args: argparse.Namespace) -> None:
                   f"{step.setup_ms:.3f} ms of per-shape setup")
     if args.json:
         write_json(args.json, {"model": name, "environment": env["fingerprint"],
-                               "device": env["device"], "batch": batch, **step.to_json()})
+                               "device": env["device"], "batch": batch, **step.to_json(),
+                               "host_speed": {"probe_ms": loaded.probe_ms,
+                                              "db_probe_ms": loaded.host_probe_ms,
+                                              "elasticity": loaded.host_elasticity,
+                                              "host_scale": loaded.host_scale}})
 
 
 def cmd_validate_steps(args: argparse.Namespace) -> None:
