@@ -3,15 +3,15 @@
 
     python bench/l2_flush.py > bench/results/l2_flush.txt
 
-`timing.measure` flushes L2 before every replay by zeroing a 256 MB buffer, as
-`triton.testing.do_bench` does. That leaves L2 full of dirty lines, which the next kernel
-writes back to HBM while it streams its own weights: a decode GEMM pays for that write-back
-too. Inside a real step the L2 holds the clean lines of the kernels before it. For decode-sized
-GEMMs (m = 32, Llama-3.1-8B's projections) and an eager RMSNorm this prints, in microseconds:
-`measure` as the DB records it; the same graph replay after a read-only flush (leaves clean
-lines) and after no flush; and the kernels' own duration in a step-like sequence (between
-GEMMs that stream other weights through L2, summed per call by the profiler); plus the
-replay floor (a one-element add).
+For decode-sized GEMMs (m = 32, Llama-3.1-8B's projections) and an eager RMSNorm this prints,
+in microseconds: `timing.measure`'s number with each timer (`do_bench`, the default, and
+`stream`); a graph replay between two events after each of three flushes: zeroing a 256 MB
+buffer (as `triton.testing.do_bench` does: L2 is left full of dirty lines, which the next
+kernel writes back to HBM while it streams its own weights), reading it (clean lines; the
+`stream` timer's flush) and none; and the kernels' own duration in a step-like sequence
+(between GEMMs that stream other weights through L2, summed per call by the profiler). Then
+the replay floor (a one-element add) after each flush, and the replay overhead the `stream`
+timer subtracts (`timing.replay_overhead_ms`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ import statistics
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from dooly_fx.timing import _graph_replay, measure
+from dooly_fx.db import TIMERS
+from dooly_fx.timing import _graph_replay, measure, replay_overhead_ms
 
 DEVICE, DTYPE, M = "cuda", torch.bfloat16, 32
 SHAPES = {"q_proj 4096x4096": (4096, 4096), "gate_proj 14336x4096": (14336, 4096),
@@ -85,15 +86,18 @@ def main() -> None:
     fns[f"rmsnorm {M}x4096 (eager, 5 kernels)"] = lambda: rmsnorm(x, x[0])
     one = torch.zeros(1, device=DEVICE)
     print(f"# {torch.cuda.get_device_name()} · torch {torch.__version__}")
-    print(f"{'unit':38s} {'measure':>8s} " + " ".join(f"{m:>10s}" for m in modes)
-          + f" {'in step':>8s}   (us)")
+    print(f"{'unit':38s} " + " ".join(f"{t:>8s}" for t in TIMERS) + " "
+          + " ".join(f"{m:>10s}" for m in modes) + f" {'in step':>8s}   (us)")
     for name, fn in fns.items():
-        timed = measure(fn, DEVICE, warmup_ms=5, rep_ms=20).median_ms * 1e3
+        timed = [measure(fn, DEVICE, warmup_ms=5, rep_ms=20, timer=t).median_ms * 1e3
+                 for t in TIMERS]
         cols = [replay_us(fn, flush) for flush in modes.values()]
-        print(f"{name:38s} {timed:8.1f} " + " ".join(f"{c:10.1f}" for c in cols)
-              + f" {in_step_us(fn):8.1f}")
+        print(f"{name:38s} " + " ".join(f"{t:8.1f}" for t in timed) + " "
+              + " ".join(f"{c:10.1f}" for c in cols) + f" {in_step_us(fn):8.1f}")
     floor = [replay_us(lambda: one.add_(1), flush) for flush in modes.values()]
-    print(f"{'replay floor (1-element add)':38s} {'':8s} " + " ".join(f"{c:10.1f}" for c in floor))
+    print(f"{'replay floor (1-element add)':38s} {'':17s} "
+          + " ".join(f"{c:10.1f}" for c in floor))
+    print(f"replay overhead the stream timer subtracts: {replay_overhead_ms(DEVICE) * 1e3:.2f} us")
 
 
 if __name__ == "__main__":

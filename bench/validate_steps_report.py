@@ -36,19 +36,26 @@ def main() -> None:
     parser.add_argument("--steps", type=Path, default=Path("bench/results/steps"))
     parser.add_argument("--out", type=Path, default=Path("bench/results/validate_steps.json"))
     parser.add_argument("--db", type=Path, help="predict every file's steps again with this DB")
+    parser.add_argument("--engine", metavar="LABEL",
+                        help="only the files of this engine (e.g. 'padded|sdpa|bfloat16')")
+    parser.add_argument("--replayed", type=Path, metavar="DIR",
+                        help="where --db writes its predictions (default: STEPS/replayed)")
+    parser.add_argument("--fidelity", type=Path, metavar="DIR",
+                        help="the fidelity files' folder (default: beside the steps files)")
     args = parser.parse_args()
-    files = sorted(args.steps.glob("steps_*.json"))
+    files = [f for f in sorted(args.steps.glob("steps_*.json"))
+             if not args.engine or json.loads(f.read_text())["engine"] == args.engine]
     if not files:
         sys.exit(f"{args.steps}: no validate-steps JSON files")
     rows, everything, fidelity_rows = [], [], []
     for path in files:
-        report = json.loads((_replay(path, args.db, args.steps / "replayed") if args.db
-                             else path).read_text())
+        report = json.loads((_replay(path, args.db, args.replayed or args.steps / "replayed")
+                             if args.db else path).read_text())
         steps = [s for s in report["steps"] if not s["skipped"]]
         errors = np.abs([s["error"] for s in steps])
         everything += [(report["model"], report["engine"], s) for s in steps]
         # A fidelity run (`--measured` + `--fidelity`) sits beside its steps file.
-        beside = path.with_name(path.name.replace("steps_", "fidelity_", 1))
+        beside = (args.fidelity or path.parent) / path.name.replace("steps_", "fidelity_", 1)
         extra = json.loads(beside.read_text()) if beside.exists() else report
         units = extra.get("fidelity", {}).get("units", [])
         fidelity = {phase: _median_abs([u["error"] for u in units
@@ -99,7 +106,8 @@ def main() -> None:
              f"- summarised by: `{summary['command']}` from `{args.steps}/*.json`"
              + (f"; predictions replayed from those measurements with `{args.db}` "
                 f"(`validate-steps MODEL --measured FILE --db DB`, files in "
-                f"`{args.steps}/replayed/`)" if args.db else ""),
+                f"`{args.replayed or args.steps / 'replayed'}/`)" if args.db else "")
+             + (f"; fidelity files from `{args.fidelity}`" if args.fidelity else ""),
              "- each file: `python -m dooly_fx validate-steps MODEL --db h100.db --device cuda "
              "[--engine paged] [--attn eager] --json FILE` on the GPU named in it "
              "(`measured_on`); padded: the model's forward (equal-length sequences); paged: "
@@ -136,7 +144,7 @@ def main() -> None:
                   f"{fidelity_all['']:.1%} over {len(fidelity_rows)} units "
                   f"(prefill {fidelity_all['prefill']:.1%}, "
                   f"decode {fidelity_all['decode']:.1%})."]
-    lines += ["", "![measured vs predicted](validate_steps.png)"]
+    lines += ["", f"![measured vs predicted]({args.out.with_suffix('.png').name})"]
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     _plot(everything, args.out.with_suffix(".png"))
     print("\n".join(lines))

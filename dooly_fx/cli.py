@@ -14,6 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from dooly_fx.cli_args import add_verb, engine_args
+from dooly_fx.db import TIMERS
 from dooly_fx.engine import PHASES, EngineProfile
 from dooly_fx.errors import UserError
 from dooly_fx.ui import err as _err
@@ -123,7 +124,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
     specs, engine, bounds, phases = _sweep_args(args)
     coll = _collect(specs, engine, phases)
     with LatencyDB.open_existing_or_empty(args.db) as db:
-        env = plan_environment(db, args.device)
+        env = plan_environment(db, args.device, args.timer)
         report = plan(db, coll, env, bounds, [s.name for s in specs])
     if args.json:
         _write_json(args.json, report)
@@ -173,7 +174,7 @@ def cmd_profile(args: argparse.Namespace) -> None:
     budget = (args.warmup_ms, args.rep_ms)
     coll = _collect(specs, engine, phases)
     with LatencyDB.open(args.db) as db:
-        env = environment(devices[0])
+        env = environment(devices[0], args.timer)
         if args.refresh_host:
             _refresh_host(db, coll, env, devices[0])
             return
@@ -194,7 +195,8 @@ def cmd_profile(args: argparse.Namespace) -> None:
             try:
                 if len(devices) > 1:
                     results = spawn_workers([s.name for s in specs], engine, phases, bounds,
-                                            args.db, devices, command_line(), advance, budget)
+                                            args.db, devices, command_line(), advance, budget,
+                                            args.timer)
                 else:
                     # Ctrl-C only raises a flag that the profiler reads between points: a
                     # KeyboardInterrupt raised inside a finaliser would be swallowed.
@@ -420,6 +422,10 @@ def _parser() -> argparse.ArgumentParser:
                           "where latency bends")
         engine_args(verb)
         verb.add_argument("--phase", default="all", choices=[*PHASES, "all"])
+        verb.add_argument("--timer", default="do_bench", choices=TIMERS,
+                          help="CUDA timer (docs/sweeps.md): do_bench (zeroing L2 flush, "
+                          "event time) or stream (reading flush, replay overhead subtracted: "
+                          "kernels as in an eager stream); each is its own environment")
         verb.add_argument("--json", metavar="FILE",
                           help="write the plan (for profile: after profiling) as JSON")
         if name == "profile":

@@ -127,9 +127,14 @@ class Timing:
     """How fast the host was while `host_ms` was measured (`hostinfo.host_probe_ms`)."""
 
 
-DESCRIPTIVE_INFO = ("sms",)
-"""Environment info that follows from the rest (the device's multiprocessor count), left out
-of the fingerprint so that environments recorded before it was noted keep theirs."""
+TIMERS = ("do_bench", "stream")
+"""`timing.measure`'s CUDA timers (see there); an environment profiled with one other than the
+first names it in its info (`timer`), so each timer's samples have their own environment."""
+
+DESCRIPTIVE_INFO = ("sms", "replay_overhead_us")
+"""Environment info that follows from the rest (the device's multiprocessor count) or is
+measured when it is first recorded (the timer's replay overhead, `timing.replay_overhead_ms`),
+left out of the fingerprint so that it names the same environment every time."""
 
 
 def fingerprint(info: dict) -> str:

@@ -39,12 +39,13 @@ from dooly_fx.passes.signature import binding, signature, signature_of
 from dooly_fx.passes.taint import META_KEY, Config, TensorLabel, taint
 from dooly_fx.spec import ModelSpec
 from dooly_fx.sweep import Bounds, points, spread, sweep_points
-from dooly_fx.timing import host_issue, measure
+from dooly_fx.timing import host_issue, measure, replay_overhead_ms
 
 T = TypeVar("T")
 
 TIMING_VERSION = 2
-"""Bumped when the timing method changes, so old timings never answer for new ones."""
+"""Bumped when the timing method changes, so old timings never answer for new ones (the
+timer chosen, `timing.TIMERS`, is part of the environment too)."""
 POINT_OVERHEAD_S = 0.2
 """Estimated fixed device seconds per point (warm-up and repetition budgets, input setup)."""
 
@@ -171,10 +172,11 @@ def _case(gm, unit, sig) -> UnitCase:
                     [o for o in outputs if isinstance(o, TensorLabel)], symbols)
 
 
-def environment(device: str) -> Env:
+def environment(device: str, timer: str = "do_bench") -> Env:
     """The fingerprint of where timings are taken: device, driver, library versions and timing
-    method (hash of the info dict). The engine profile is not part of it: a unit's signature
-    already names its kernels and dtypes, so engines share every unit they have in common."""
+    method (hash of the info dict; a timer other than the default is named in it,
+    `timing.TIMERS`). The engine profile is not part of it: a unit's signature already names
+    its kernels and dtypes, so engines share every unit they have in common."""
     import transformers
 
     try:
@@ -196,6 +198,9 @@ def environment(device: str) -> Env:
                     cuda=torch.version.cuda, driver=_driver_version(),
                     memory_gib=round(props.total_memory / 2**30, 1),
                     sms=props.multi_processor_count)
+        if timer != "do_bench":
+            info.update(timer=timer,
+                        replay_overhead_us=round(replay_overhead_ms(device) * 1e3, 2))
     else:
         info.update(device=cpu_name(), threads=torch.get_num_threads())
     return Env(fingerprint(info), info["device"], info)
@@ -210,13 +215,14 @@ def _driver_version() -> str | None:
         return None
 
 
-def plan_environment(db, device: str) -> Env:
+def plan_environment(db, device: str, timer: str = "do_bench") -> Env:
     """The environment a plan is for: this machine's, or, for `--device cuda` on a machine
-    without a GPU, the newest CUDA environment recorded in the DB."""
+    without a GPU, the newest CUDA environment of `timer` recorded in the DB."""
     if device == "cpu" or torch.cuda.is_available():
-        return environment(device)
+        return environment(device, timer)
     recorded = [e for e in db.environments() if e.get("device_type") == "cuda"
-                and e.get("timing_version") == TIMING_VERSION]
+                and e.get("timing_version") == TIMING_VERSION
+                and e.get("timer", "do_bench") == timer]
     if not recorded:
         info = {"device_type": "cuda", "device": "cuda (none recorded)"}
         return Env("none", info["device"], info)
@@ -457,7 +463,8 @@ def _measure_batch(db, case, claimed, env, device, run_id, result, on_point, bud
         for text in claimed:
             if stop is not None and stop():
                 break  # the finally stores what was measured and gives back the rest
-            results.append((text, _measure_point(case, json.loads(text), device, budget_ms)))
+            results.append((text, _measure_point(case, json.loads(text), device, budget_ms,
+                                                 env.info.get("timer", "do_bench"))))
             if on_point:
                 on_point()
     finally:
@@ -478,12 +485,12 @@ def _measure_batch(db, case, claimed, env, device, run_id, result, on_point, bud
             result.errors.append(f"{case.kind} {case.key[:12]}: {outcome}")
 
 
-def _measure_point(case: UnitCase, point: dict, device: str,
-                   budget_ms: tuple[float, float]) -> Timing | str:
+def _measure_point(case: UnitCase, point: dict, device: str, budget_ms: tuple[float, float],
+                   timer: str = "do_bench") -> Timing | str:
     """A Timing, 'oom', or a one-line error; a point is never timed before its check passes."""
     return _run_point(case, point, device, lambda run: measure(
         run.fn, device, warmup_ms=budget_ms[0], rep_ms=budget_ms[1], graphs=run.graphs,
-        host_calls=run.host_calls))
+        host_calls=run.host_calls, timer=timer))
 
 
 def _run_point(case: UnitCase, point: dict, device: str, timed: Callable[[Runnable], T]
@@ -553,25 +560,26 @@ def refresh_host(db: LatencyDB, coll: Collection, env: Env, device: str, command
 
 def profile_worker(args: tuple) -> ProfileResult:
     """One profiler process on one device (for `--devices 0,1,...`); captures on its own."""
-    refs, engine, phases, bounds, db_path, device, command, queue, budget_ms = args
+    refs, engine, phases, bounds, db_path, device, command, queue, budget_ms, timer = args
     from dooly_fx.spec import resolve_model
 
     coll = collect([resolve_model(r) for r in refs], engine, phases)
     with LatencyDB.open(db_path) as db:
-        env = environment(device)
+        env = environment(device, timer)
         return profile(db, coll, env, bounds, device, command,
                        on_point=lambda: queue.put(1) if queue is not None else None,
                        budget_ms=budget_ms)
 
 
-def spawn_workers(refs, engine, phases, bounds, db_path, devices, command, on_point, budget_ms):
+def spawn_workers(refs, engine, phases, bounds, db_path, devices, command, on_point, budget_ms,
+                  timer: str = "do_bench"):
     """Run one profiler process per device (`cuda:0`, `cuda:1`, ...) on one DB; the DB's claims
     split the points between them. Returns their results."""
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Manager().Queue()
     with ctx.Pool(len(devices)) as pool:
         jobs = pool.map_async(profile_worker, [(refs, engine, phases, bounds, db_path,
-                                                device, command, queue, budget_ms)
+                                                device, command, queue, budget_ms, timer)
                                                for device in devices])
         while not jobs.ready():
             try:

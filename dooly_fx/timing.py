@@ -2,9 +2,19 @@
 
 `measure(fn, device)` warms up for a time budget, then times at least `min_samples` calls:
 * CUDA: the call is captured once in a CUDA graph and replayed, one pair of CUDA events per
-  replay, the L2 cache flushed before each (a 256 MB buffer is zeroed). Replay runs the unit's
-  kernels back to back, so the number is GPU time, not Python's issue time; units that cannot
-  be captured (host syncs, data-dependent shapes) are timed on direct calls instead;
+  replay, the L2 cache flushed before each. Replay runs the unit's kernels back to back, so
+  the number is GPU time, not Python's issue time; units that cannot be captured (host syncs,
+  data-dependent shapes) are timed on direct calls instead. Two timers (`TIMERS`):
+  - `do_bench` (the default): as `triton.testing.do_bench`, the flush zeroes a 256 MB buffer
+    and a sample is the time between the events. Zeroing leaves L2 full of dirty lines that
+    the timed kernel writes back to HBM, and a replay between two events pays a fixed cost
+    (the events and the graph launch, microseconds); no kernel inside a step pays either, so
+    decode-sized units read high (+48% on a 4096×4096 decode GEMM against its kernel inside
+    a step, `bench/results/l2_flush.txt`);
+  - `stream`: the flush reads the buffer (L2 is left holding clean lines), and each replay's
+    sample is the event time less the replay overhead (`replay_overhead_ms`, measured once
+    per device): a unit's number is the time its kernels take in an eager stream of kernels,
+    each with its slot to the next;
 * CPU: `time.perf_counter` around each call.
 It also returns `host_ms`, the host cost of issuing one call eagerly, which a launch-bound
 engine pays whether or not the GPU is busy; the predictor combines the two. Host costs move
@@ -20,10 +30,16 @@ from collections.abc import Callable
 
 import torch
 
-from dooly_fx.db import Timing
+from dooly_fx.db import TIMERS, Timing
 from dooly_fx.hostinfo import host_probe_ms
 
 _L2_FLUSH_BYTES = 256 * 1024 * 1024
+_SPACING_KERNELS = 64
+"""Kernels in the graph whose replay gives the per-kernel spacing (`replay_overhead_ms`)."""
+_MIN_SAMPLE_MS = 5e-4
+"""A replay's sample, less the replay overhead, is never taken below this (0.5 µs): a unit
+has at least one kernel, and the fits need positive latencies."""
+_overheads: dict[str, float] = {}
 
 
 def measure(
@@ -35,12 +51,13 @@ def measure(
     max_samples: int = 1000,
     graphs: bool = True,
     host_calls: int = 20,
+    timer: str = "do_bench",
 ) -> Timing:
     """Median, mean, min, max and std of `fn()`'s run time in ms, plus its host issue time
-    (the median of `host_calls` calls, `host_issue`)."""
+    (the median of `host_calls` calls, `host_issue`); `timer`: one of `TIMERS` (CUDA)."""
     if device.startswith("cuda"):
         return _measure_cuda(fn, device, warmup_ms, rep_ms, min_samples, max_samples, graphs,
-                             host_calls)
+                             host_calls, timer)
     return _measure_cpu(fn, warmup_ms, rep_ms, min_samples, max_samples)
 
 
@@ -72,13 +89,16 @@ def _measure_cpu(fn, warmup_ms, rep_ms, min_samples, max_samples) -> Timing:
 
 
 def _measure_cuda(fn, device, warmup_ms, rep_ms, min_samples, max_samples, graphs,
-                  host_calls) -> Timing:
+                  host_calls, timer) -> Timing:
+    if timer not in TIMERS:
+        raise ValueError(f"unknown timer {timer!r}; one of {', '.join(TIMERS)}")
     torch.cuda.synchronize(device)
-    cache = torch.empty(_L2_FLUSH_BYTES, dtype=torch.int8, device=device)
+    flush = _l2_flush(device, zero=timer == "do_bench")
     fn()  # first call: lazy initialisation, autotuning
     torch.cuda.synchronize(device)
     host = host_issue(fn, device, calls=host_calls)
-    run = (_graph_replay(fn, device) if graphs else None) or fn
+    replay = _graph_replay(fn, device) if graphs else None
+    run = replay or fn
     # Estimate one call, then warm up for the budget.
     first = torch.cuda.Event(enable_timing=True)
     last = torch.cuda.Event(enable_timing=True)
@@ -91,17 +111,63 @@ def _measure_cuda(fn, device, warmup_ms, rep_ms, min_samples, max_samples, graph
     for _ in range(_count(estimate, warmup_ms, 1, max_samples)):
         run()
     torch.cuda.synchronize(device)
-    n = _count(estimate, rep_ms, min_samples, max_samples)
+    samples = _timed(run, flush, _count(estimate, rep_ms, min_samples, max_samples), device)
+    if replay is not None and timer == "stream":
+        overhead = replay_overhead_ms(device)
+        samples = [max(ms - overhead, _MIN_SAMPLE_MS) for ms in samples]
+    return _summary(samples, host)
+
+
+def _l2_flush(device, zero: bool = False) -> Callable[[], object]:
+    """Evicts L2: zeroes a 256 MB buffer (leaving dirty lines), or reads it (clean lines)."""
+    if zero:
+        return torch.empty(_L2_FLUSH_BYTES, dtype=torch.int8, device=device).zero_
+    return torch.ones(_L2_FLUSH_BYTES // 2, dtype=torch.float16, device=device).amax
+
+
+def _timed(run, flush, n: int, device) -> list[float]:
+    """ms of `n` calls of `run` between CUDA events, the L2 flushed before each."""
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
     for i in range(n):
-        cache.zero_()
+        flush()
         starts[i].record()
         run()
         ends[i].record()
     torch.cuda.synchronize(device)
-    samples = [s.elapsed_time(e) for s, e in zip(starts, ends, strict=True)]
-    return _summary(samples, host)
+    return [s.elapsed_time(e) for s, e in zip(starts, ends, strict=True)]
+
+
+def replay_overhead_ms(device, samples: int = 200) -> float:
+    """What a graph replay timed between two CUDA events pays beyond its kernels' slots in
+    an eager stream of kernels: the replay time of a graph of one one-element add (the L2
+    flushed before each, read-only, as for units), less the spacing of such adds queued
+    eagerly behind a GPU sleep, so that the GPU never waits for the host; medians of
+    `samples` each. Measured once per device per process."""
+    key = str(torch.device(device))
+    if key not in _overheads:
+        flush, x = _l2_flush(device), torch.zeros(1, device=device)
+        one = _graph_replay(lambda: x.add_(1), device)
+        _timed(one, flush, 20, device)  # warm-up
+        t_one = statistics.median(_timed(one, flush, samples, device))
+        spacing = statistics.median(_eager_spacing(lambda: x.add_(1), device)
+                                    for _ in range(5))
+        _overheads[key] = max(0.0, t_one - spacing)
+    return _overheads[key]
+
+
+def _eager_spacing(fn, device, calls: int = _SPACING_KERNELS) -> float:
+    """ms per call of `calls` calls of a one-kernel `fn` issued behind a GPU sleep long
+    enough to queue them all, timed between events."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize(device)
+    torch.cuda._sleep(2_000_000)  # ~1 ms: the host queues every call meanwhile
+    start.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    torch.cuda.synchronize(device)
+    return start.elapsed_time(end) / calls
 
 
 def host_issue(fn, device, calls: int = 20, probes: int = 3) -> tuple[float, float]:

@@ -11,9 +11,9 @@ import time
 import pytest
 import torch
 
-from dooly_fx.db import LatencyDB
+from dooly_fx.db import LatencyDB, fingerprint
 from dooly_fx.engine import EngineProfile
-from dooly_fx.profile import collect, environment, plan, profile
+from dooly_fx.profile import TIMING_VERSION, collect, environment, plan, plan_environment, profile
 from dooly_fx.sweep import Bounds, points, request_vars, sweep_points
 from dooly_fx.timing import measure
 
@@ -359,3 +359,21 @@ def test_fused_engine_variant_times_triton_kernels_checked_against_the_units():
             if case.canonical.get("impl") == "triton":
                 for point in points(case.canonical, Bounds(8, 2, 16))[-2:]:
                     lower(case, point, "cpu").check()
+
+
+def test_each_timer_has_its_own_cuda_environment(tmp_path, monkeypatch):
+    """A timer other than do_bench is named in the environment (so its samples never answer
+    for do_bench's); the replay overhead it measured is noted but not hashed; a plan on a
+    machine without a GPU picks the recorded CUDA environment of the timer asked for."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    base = {"device_type": "cuda", "device": "NVIDIA H100 80GB HBM3", "torch": "2.11.0",
+            "timing_version": TIMING_VERSION}
+    stream = {**base, "timer": "stream", "replay_overhead_us": 2.9}
+    assert fingerprint(stream) != fingerprint(base)
+    assert fingerprint(stream) == fingerprint({**stream, "replay_overhead_us": 4.0})
+    with LatencyDB.open(tmp_path / "lat.db") as db:
+        db.add_environment(fingerprint(base), base["device"], base)
+        db.add_environment(fingerprint(stream), stream["device"], stream)
+        assert plan_environment(db, "cuda").fingerprint == fingerprint(base)
+        assert plan_environment(db, "cuda", "stream").fingerprint == fingerprint(stream)
+    assert "timer" not in environment("cpu", "stream").info  # CPU timing has no flush
