@@ -45,7 +45,7 @@ T = TypeVar("T")
 
 TIMING_VERSION = 2
 """Bumped when the timing method changes, so old timings never answer for new ones (the
-timer chosen, `timing.TIMERS`, is part of the environment too)."""
+timer chosen, `db.TIMERS`, is part of the environment too)."""
 POINT_OVERHEAD_S = 0.2
 """Estimated fixed device seconds per point (warm-up and repetition budgets, input setup)."""
 
@@ -175,7 +175,7 @@ def _case(gm, unit, sig) -> UnitCase:
 def environment(device: str, timer: str = "do_bench") -> Env:
     """The fingerprint of where timings are taken: device, driver, library versions and timing
     method (hash of the info dict; a timer other than the default is named in it,
-    `timing.TIMERS`). The engine profile is not part of it: a unit's signature already names
+    `db.TIMERS`). The engine profile is not part of it: a unit's signature already names
     its kernels and dtypes, so engines share every unit they have in common."""
     import transformers
 

@@ -9,12 +9,12 @@
     and a sample is the time between the events. Zeroing leaves L2 full of dirty lines that
     the timed kernel writes back to HBM, and a replay between two events pays a fixed cost
     (the events and the graph launch, microseconds); no kernel inside a step pays either, so
-    decode-sized units read high (+48% on a 4096×4096 decode GEMM against its kernel inside
+    decode-sized units read high (+49% on a 4096×4096 decode GEMM against its kernel inside
     a step, `bench/results/l2_flush.txt`);
   - `stream`: the flush reads the buffer (L2 is left holding clean lines), and each replay's
     sample is the event time less the replay overhead (`replay_overhead_ms`, measured once
     per device): a unit's number is the time its kernels take in an eager stream of kernels,
-    each with its slot to the next;
+    each with its slot to the next (units timed on direct calls keep the event time);
 * CPU: `time.perf_counter` around each call.
 It also returns `host_ms`, the host cost of issuing one call eagerly, which a launch-bound
 engine pays whether or not the GPU is busy; the predictor combines the two. Host costs move
@@ -35,7 +35,7 @@ from dooly_fx.hostinfo import host_probe_ms
 
 _L2_FLUSH_BYTES = 256 * 1024 * 1024
 _SPACING_KERNELS = 64
-"""Kernels in the graph whose replay gives the per-kernel spacing (`replay_overhead_ms`)."""
+"""One-element adds queued eagerly whose spacing `replay_overhead_ms` times."""
 _MIN_SAMPLE_MS = 5e-4
 """A replay's sample, less the replay overhead, is never taken below this (0.5 µs): a unit
 has at least one kernel, and the fits need positive latencies."""
