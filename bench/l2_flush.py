@@ -22,7 +22,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from dooly_fx.db import TIMERS
-from dooly_fx.timing import _graph_replay, measure, replay_overhead_ms
+from dooly_fx.timing import _graph_replay, _l2_flush, _timed, measure, replay_overhead_ms
 
 DEVICE, DTYPE, M = "cuda", torch.bfloat16, 32
 SHAPES = {"q_proj 4096x4096": (4096, 4096), "gate_proj 14336x4096": (14336, 4096),
@@ -40,15 +40,7 @@ def replay_us(fn, flush, n: int = 50) -> float:
     run = _graph_replay(fn, DEVICE)
     for _ in range(10):
         run()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-              for _ in range(n)]
-    for start, end in events:
-        flush()
-        start.record()
-        run()
-        end.record()
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in events) * 1e3
+    return statistics.median(_timed(run, flush, n, DEVICE)) * 1e3
 
 
 def in_step_us(fn, calls: int = 30) -> float:
@@ -74,9 +66,8 @@ def in_step_us(fn, calls: int = 30) -> float:
 
 
 def main() -> None:
-    flush = torch.empty(256 * 2**20, dtype=torch.int8, device=DEVICE)
-    wide = flush.view(torch.float16)
-    modes = {"zero flush": flush.zero_, "read flush": wide.amax, "no flush": lambda: None}
+    modes = {"zero flush": _l2_flush(DEVICE, zero=True), "read flush": _l2_flush(DEVICE),
+             "no flush": lambda: None}
     fns = {}
     for name, (n, k) in SHAPES.items():
         x = torch.randn(M, k, dtype=DTYPE, device=DEVICE)

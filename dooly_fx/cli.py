@@ -14,7 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from dooly_fx.cli_args import add_verb, engine_args
-from dooly_fx.db import TIMERS
+from dooly_fx.db import DEFAULT_TIMER, TIMERS
 from dooly_fx.engine import PHASES, EngineProfile
 from dooly_fx.errors import UserError
 from dooly_fx.ui import err as _err
@@ -422,7 +422,7 @@ def _parser() -> argparse.ArgumentParser:
                           "where latency bends")
         engine_args(verb)
         verb.add_argument("--phase", default="all", choices=[*PHASES, "all"])
-        verb.add_argument("--timer", default="do_bench", choices=TIMERS,
+        verb.add_argument("--timer", default=DEFAULT_TIMER, choices=TIMERS,
                           help="CUDA timer (docs/sweeps.md): do_bench (zeroing L2 flush, "
                           "event time) or stream (reading flush, replay overhead subtracted: "
                           "kernels as in an eager stream); each is its own environment")

@@ -129,7 +129,14 @@ class Timing:
 
 TIMERS = ("do_bench", "stream")
 """`timing.measure`'s CUDA timers (see there); an environment profiled with one other than the
-first names it in its info (`timer`), so each timer's samples have their own environment."""
+default (the first) names it in its info (`timer`), so each timer's samples have their own
+environment."""
+DEFAULT_TIMER = TIMERS[0]
+
+
+def env_timer(info: dict) -> str:
+    """The timer an environment's samples were taken with."""
+    return info.get("timer", DEFAULT_TIMER)
 
 DESCRIPTIVE_INFO = ("sms", "replay_overhead_us")
 """Environment info that follows from the rest (the device's multiprocessor count) or is

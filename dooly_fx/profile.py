@@ -26,7 +26,7 @@ import torch
 
 from dooly_fx.capture import capture
 from dooly_fx.costs import cost
-from dooly_fx.db import LatencyDB, Timing, canonical_point, fingerprint
+from dooly_fx.db import DEFAULT_TIMER, LatencyDB, Timing, canonical_point, env_timer, fingerprint
 from dooly_fx.engine import EngineProfile
 from dooly_fx.errors import UserError
 from dooly_fx.fused import fused_signature
@@ -172,7 +172,7 @@ def _case(gm, unit, sig) -> UnitCase:
                     [o for o in outputs if isinstance(o, TensorLabel)], symbols)
 
 
-def environment(device: str, timer: str = "do_bench") -> Env:
+def environment(device: str, timer: str = DEFAULT_TIMER) -> Env:
     """The fingerprint of where timings are taken: device, driver, library versions and timing
     method (hash of the info dict; a timer other than the default is named in it,
     `db.TIMERS`). The engine profile is not part of it: a unit's signature already names
@@ -198,7 +198,7 @@ def environment(device: str, timer: str = "do_bench") -> Env:
                     cuda=torch.version.cuda, driver=_driver_version(),
                     memory_gib=round(props.total_memory / 2**30, 1),
                     sms=props.multi_processor_count)
-        if timer != "do_bench":
+        if timer != DEFAULT_TIMER:
             info.update(timer=timer,
                         replay_overhead_us=round(replay_overhead_ms(device) * 1e3, 2))
     else:
@@ -215,14 +215,14 @@ def _driver_version() -> str | None:
         return None
 
 
-def plan_environment(db, device: str, timer: str = "do_bench") -> Env:
+def plan_environment(db, device: str, timer: str = DEFAULT_TIMER) -> Env:
     """The environment a plan is for: this machine's, or, for `--device cuda` on a machine
     without a GPU, the newest CUDA environment of `timer` recorded in the DB."""
     if device == "cpu" or torch.cuda.is_available():
         return environment(device, timer)
     recorded = [e for e in db.environments() if e.get("device_type") == "cuda"
                 and e.get("timing_version") == TIMING_VERSION
-                and e.get("timer", "do_bench") == timer]
+                and env_timer(e) == timer]
     if not recorded:
         info = {"device_type": "cuda", "device": "cuda (none recorded)"}
         return Env("none", info["device"], info)
@@ -464,7 +464,7 @@ def _measure_batch(db, case, claimed, env, device, run_id, result, on_point, bud
             if stop is not None and stop():
                 break  # the finally stores what was measured and gives back the rest
             results.append((text, _measure_point(case, json.loads(text), device, budget_ms,
-                                                 env.info.get("timer", "do_bench"))))
+                                                 env_timer(env.info))))
             if on_point:
                 on_point()
     finally:
@@ -486,7 +486,7 @@ def _measure_batch(db, case, claimed, env, device, run_id, result, on_point, bud
 
 
 def _measure_point(case: UnitCase, point: dict, device: str, budget_ms: tuple[float, float],
-                   timer: str = "do_bench") -> Timing | str:
+                   timer: str = DEFAULT_TIMER) -> Timing | str:
     """A Timing, 'oom', or a one-line error; a point is never timed before its check passes."""
     return _run_point(case, point, device, lambda run: measure(
         run.fn, device, warmup_ms=budget_ms[0], rep_ms=budget_ms[1], graphs=run.graphs,
@@ -572,7 +572,7 @@ def profile_worker(args: tuple) -> ProfileResult:
 
 
 def spawn_workers(refs, engine, phases, bounds, db_path, devices, command, on_point, budget_ms,
-                  timer: str = "do_bench"):
+                  timer: str = DEFAULT_TIMER):
     """Run one profiler process per device (`cuda:0`, `cuda:1`, ...) on one DB; the DB's claims
     split the points between them. Returns their results."""
     ctx = multiprocessing.get_context("spawn")

@@ -30,7 +30,7 @@ from collections.abc import Callable
 
 import torch
 
-from dooly_fx.db import TIMERS, Timing
+from dooly_fx.db import DEFAULT_TIMER, TIMERS, Timing
 from dooly_fx.hostinfo import host_probe_ms
 
 _L2_FLUSH_BYTES = 256 * 1024 * 1024
@@ -51,7 +51,7 @@ def measure(
     max_samples: int = 1000,
     graphs: bool = True,
     host_calls: int = 20,
-    timer: str = "do_bench",
+    timer: str = DEFAULT_TIMER,
 ) -> Timing:
     """Median, mean, min, max and std of `fn()`'s run time in ms, plus its host issue time
     (the median of `host_calls` calls, `host_issue`); `timer`: one of `TIMERS` (CUDA)."""
@@ -93,7 +93,7 @@ def _measure_cuda(fn, device, warmup_ms, rep_ms, min_samples, max_samples, graph
     if timer not in TIMERS:
         raise ValueError(f"unknown timer {timer!r}; one of {', '.join(TIMERS)}")
     torch.cuda.synchronize(device)
-    flush = _l2_flush(device, zero=timer == "do_bench")
+    flush = _l2_flush(device, zero=timer == DEFAULT_TIMER)
     fn()  # first call: lazy initialisation, autotuning
     torch.cuda.synchronize(device)
     host = host_issue(fn, device, calls=host_calls)
