@@ -48,7 +48,7 @@ def main() -> None:
                     cached[0] += to_key_class(keys, 8) + rem  # aligned, then rem more
                     fn, _ = engine_attention(heads, kv_heads, dim, torch.bfloat16, "cuda",
                                              impl, [1] * n, cached)
-                    row["ms"][str(rem)] = measure(fn, "cuda").median_ms
+                    row["ms"][str(rem)] = measure(fn, "cuda", timer="do_bench").median_ms
                 rows.append(row)
                 print(impl, heads, kv_heads, dim, n, p,
                       {k: round(v / row["ms"]["0"], 2) for k, v in row["ms"].items()},

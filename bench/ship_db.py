@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from dooly_fx.db import SHIPPED_DB, LatencyDB
+from dooly_fx.db import SHIPPED_DB, LatencyDB, env_timer
 
 
 def main() -> None:
@@ -25,8 +25,9 @@ def main() -> None:
     with LatencyDB.open(args.db, create=False) as db:
         lines = ["# Shipped latency DB", "",
                  f"`h100.db` is `{args.db}` copied by `python {' '.join(sys.argv)}`.", "",
-                 "| environment | device | torch | triton | transformers | driver | CUDA | "
-                 "signatures | ok points | fits |", "|---|---|---|---|---|---|---|---:|---:|---:|"]
+                 "| environment | device | torch | triton | transformers | driver | CUDA | timer | "
+                 "signatures | ok points | fits |",
+                 "|---|---|---|---|---|---|---|---|---:|---:|---:|"]
         for env in db.environments():
             fp = env["fingerprint"]
             sigs = db.conn.execute("SELECT COUNT(DISTINCT signature) FROM points WHERE env = ? "
@@ -39,7 +40,7 @@ def main() -> None:
                          f"`python -m dooly_fx fit --db {args.db}` first")
             lines.append(f"| {fp[:12]} | {env['device']} | {env['torch']} | {env['triton']} | "
                          f"{env['transformers']} | {env.get('driver')} | {env.get('cuda')} | "
-                         f"{sigs} | {points} | {fits} |")
+                         f"{env_timer(env)} | {sigs} | {points} | {fits} |")
         lines += ["", "Models and engine profiles recorded in it:", ""]
         lines += [f"- {m['name']} · {m['engine']}" for m in db.models()]
         lines += ["", "Profiling runs (from its `runs` table):", ""]

@@ -79,6 +79,9 @@ def main() -> None:
     fidelity_all = {phase: _median_abs([u["error"] for u in fidelity_rows
                                         if u["step"].startswith(phase)])
                     for phase in ("prefill", "decode", "")}
+    loaded_all = {phase: _median_abs([u["loaded_error"] for u in fidelity_rows
+                                      if u["step"].startswith(phase) and "loaded_error" in u])
+                  for phase in ("prefill", "decode", "")}
     by_engine = {}
     for kind in sorted({e.split("|")[0] for _, e, _ in everything}):
         steps = [s for _, e, s in everything if e.split("|")[0] == kind]
@@ -99,7 +102,10 @@ def main() -> None:
                "unit_fidelity": {"units": len(fidelity_rows),
                                  "median_ape": fidelity_all[""],
                                  "prefill_median_ape": fidelity_all["prefill"],
-                                 "decode_median_ape": fidelity_all["decode"]},
+                                 "decode_median_ape": fidelity_all["decode"],
+                                 "loaded_median_ape": loaded_all[""],
+                                 "loaded_prefill_median_ape": loaded_all["prefill"],
+                                 "loaded_decode_median_ape": loaded_all["decode"]},
                "command": " ".join(["python", *sys.argv])}
     args.out.write_text(json.dumps(summary, indent=1) + "\n")
     lines = ["# Step-level validation (real engine steps vs prediction)", "",
@@ -143,7 +149,11 @@ def main() -> None:
                   "real step, torch.profiler): median APE "
                   f"{fidelity_all['']:.1%} over {len(fidelity_rows)} units "
                   f"(prefill {fidelity_all['prefill']:.1%}, "
-                  f"decode {fidelity_all['decode']:.1%})."]
+                  f"decode {fidelity_all['decode']:.1%})."
+                  + (f" With each unit's share of the step's lower clock under load "
+                     f"(`Step.in_step_ms`): {loaded_all['']:.1%} (prefill "
+                     f"{loaded_all['prefill']:.1%}, decode {loaded_all['decode']:.1%})."
+                     if loaded_all[""] is not None else "")]
     lines += ["", f"![measured vs predicted]({args.out.with_suffix('.png').name})"]
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     _plot(everything, args.out.with_suffix(".png"))

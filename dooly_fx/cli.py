@@ -183,9 +183,12 @@ def cmd_profile(args: argparse.Namespace) -> None:
             if m["missing_points"] == 0:
                 _out.print(f"{m['model']}: all {m['points']} points covered on {env.device}; "
                            "nothing to profile")
-        if before["missing_points"] == 0:
+        if before["missing_points"] == 0 and before["missing_sustained"] == 0:
             record_models(db, coll, env)  # this machine's capture of their units
             return
+        if before["missing_sustained"]:
+            _out.print(f"{before['missing_sustained']} measured signatures are not yet timed "
+                       "under sustained load; timing them too")
         total = sum(len(points_of) for points_of in _grids(coll, bounds))
         with _progress(eta=True) as progress:
             task = progress.add_task(f"profile on {env.device}", total=total)
@@ -265,11 +268,11 @@ def _devices(args: argparse.Namespace) -> list[str]:
 
 def _print_profile(results, before: dict, after: dict) -> None:
     table = Table(title="profile", title_justify="left")
-    for col in ("measured", "failed", "oom (infeasible)", "device seconds", "missing before",
-                "missing after"):
+    for col in ("measured", "failed", "oom (infeasible)", "sustained", "device seconds",
+                "missing before", "missing after"):
         table.add_column(col, justify="right")
     table.add_row(str(sum(r.measured for r in results)), str(sum(r.failed for r in results)),
-                  str(sum(r.oom for r in results)),
+                  str(sum(r.oom for r in results)), str(sum(r.sustained for r in results)),
                   f"{sum(r.device_seconds for r in results):.1f}",
                   str(before["missing_points"]), str(after["missing_points"]))
     _out.print(table)

@@ -136,18 +136,21 @@ def cmd_predict(args: argparse.Namespace) -> None:
                         f"{loaded.engine}")
     for col in ("unit", "kind", "count", "point", "GPU ms/call", "GPU ms", "host ms", "share"):
         table.add_column(col, justify="left" if col in ("unit", "kind", "point") else "right")
-    for u in sorted(step.units, key=lambda u: -u.count * u.gpu_ms):
+    for u in sorted(step.units, key=lambda u: -u.count * step.in_step_ms(u)):
         flag = " (extrapolated)" if u.extrapolated else ""
+        ms = step.in_step_ms(u)
         table.add_row(u.role, u.kind, str(u.count), json.dumps(u.point) + flag,
-                      f"{u.gpu_ms:.4f}", f"{u.count * u.gpu_ms:.3f}",
-                      f"{u.count * u.host_ms:.3f}",
-                      f"{u.count * u.gpu_ms / step.gpu_ms:.1%}" if step.gpu_ms else "-")
+                      f"{ms:.4f}", f"{u.count * ms:.3f}", f"{u.count * u.host_ms:.3f}",
+                      f"{u.count * ms / step.gpu_ms:.1%}" if step.gpu_ms else "-")
     out.print(table)
     bound = "GPU" if step.gpu_ms >= step.host_ms else "host"
     engine = f"engine batch preparation {step.prepare_ms:.3f} ms, then " \
         if step.prepare_ms else ""
     out.print(f"total {step.total_ms:.3f} ms ({engine}{bound}-bound forward: GPU "
               f"{step.gpu_ms:.3f} ms, host {step.host_ms:.3f} ms)")
+    if step.clock_ms:
+        out.print(f"GPU: {step.clock_ms:.3f} ms of it is the lower clock of a GPU kept busy "
+                  "(units timed under sustained load; docs/predict.md, \"Sustained load\")")
     if step.units_host_ms is not None:
         out.print(f"host: the engine's whole forward as profiled (forward_host); the units' "
                   f"own issue times sum to {step.units_host_ms:.3f} ms")
@@ -226,12 +229,17 @@ def cmd_validate_steps(args: argparse.Namespace) -> None:
         rows = unit_fidelity(spec, engine, loaded, args.fidelity.split(";"),
                              "cuda" if args.device == "cuda" else "cpu")
         errors = sorted(abs(r["error"]) for r in rows if r["error"] is not None)
+        loaded_errors = sorted(abs(r["loaded_error"]) for r in rows
+                               if r["loaded_error"] is not None)
         report["fidelity"] = {"units": rows,
-                              "median_ape": errors[len(errors) // 2] if errors else None}
+                              "median_ape": errors[len(errors) // 2] if errors else None,
+                              "loaded_median_ape": loaded_errors[len(loaded_errors) // 2]
+                              if loaded_errors else None}
         if errors:
             out.print(f"unit fidelity (prediction vs the unit's kernels inside the step): "
                       f"median APE {report['fidelity']['median_ape']:.1%} over {len(rows)} "
-                      "units")
+                      f"units ({report['fidelity']['loaded_median_ape']:.1%} with each "
+                      "unit's share of the step's clock under load)")
     elif args.measured and "fidelity" in old:
         report["fidelity"] = old["fidelity"]
     paged = engine.engine == "paged"

@@ -79,7 +79,8 @@ def coverage(db: LatencyDB, loaded: Loaded) -> list[UnitCoverage]:
                 continue
             step = predict_step(loaded, batch)
             for unit in step.units:
-                share = unit.count * unit.gpu_ms / step.gpu_ms if step.gpu_ms else 0.0
+                share = unit.count * step.in_step_ms(unit) / step.gpu_ms if step.gpu_ms \
+                    else 0.0
                 rows[unit.signature].share[phase] = \
                     rows[unit.signature].share.get(phase, 0.0) + share
     return sorted(rows.values(), key=lambda r: -max(r.share.values(), default=0.0))

@@ -24,7 +24,7 @@ from pathlib import Path
 from dooly_fx.errors import UserError
 
 APP_ID = "dooly_fx latency db"
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 CLAIM_TIMEOUT_S = 600.0
 """A claim older than this, or held by a process that no longer exists, can be taken over."""
 
@@ -102,6 +102,19 @@ CREATE TABLE fits (                 -- latency model of one signature in one env
     fitted_at REAL NOT NULL,
     PRIMARY KEY (signature, env)
 );
+CREATE TABLE sustained (            -- one signature timed under sustained load (CUDA)
+    signature TEXT NOT NULL REFERENCES signatures(key),
+    env TEXT NOT NULL REFERENCES environments(fingerprint),
+    status TEXT NOT NULL CHECK (status IN ('claimed', 'ok', 'short', 'failed', 'oom')),
+    point TEXT,                       -- where: its measured point of most FLOPs
+    burst_ms REAL,                    -- timed as its points are, after the GPU idled
+    sustained_ms REAL,                -- timed after timing.SUSTAIN_WARMUP_MS back to back
+    error TEXT,
+    claimed_by TEXT,
+    run_id INTEGER REFERENCES runs(id),
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (signature, env)
+);
 CREATE INDEX points_env ON points (env, status);
 """
 
@@ -127,16 +140,21 @@ class Timing:
     """How fast the host was while `host_ms` was measured (`hostinfo.host_probe_ms`)."""
 
 
-TIMERS = ("do_bench", "stream")
-"""`timing.measure`'s CUDA timers (see there); an environment profiled with one other than the
-default (the first) names it in its info (`timer`), so each timer's samples have their own
-environment."""
-DEFAULT_TIMER = TIMERS[0]
+TIMERS = ("stream", "do_bench")
+"""`timing.measure`'s CUDA timers (see there). Each timer's samples have their own
+environment: one profiled with a timer other than `UNNAMED_TIMER` names it in its info
+(`timer`)."""
+DEFAULT_TIMER = "stream"
+"""The timer `profile` and `plan` use unless told."""
+UNNAMED_TIMER = "do_bench"
+"""The timer of an environment whose info names none (profiled before `stream` existed, or
+with `--timer do_bench`)."""
 
 
 def env_timer(info: dict) -> str:
     """The timer an environment's samples were taken with."""
-    return info.get("timer", DEFAULT_TIMER)
+    return info.get("timer", UNNAMED_TIMER)
+
 
 DESCRIPTIVE_INFO = ("sms", "replay_overhead_us")
 """Environment info that follows from the rest (the device's multiprocessor count) or is
@@ -461,6 +479,57 @@ class LatencyDB:
             "DO UPDATE SET device_seconds = device_seconds + excluded.device_seconds, "
             "points = points + excluded.points", (run_id, signature, seconds, points))
 
+    # --- sustained load -------------------------------------------------------------------------
+
+    def claim_sustained(self, env: str, signature: str, run_id: int) -> bool:
+        """Claim the sustained-load timing of one signature for this process; False when it
+        is done (ok, short, oom) or held by another live profiler."""
+        owner, now = _owner(), time.time()
+        with _transaction(self.conn, immediate=True):
+            row = self.conn.execute(
+                "SELECT status, claimed_by, updated_at FROM sustained WHERE signature = ? "
+                "AND env = ?", (signature, env)).fetchone()
+            if row is not None and (row["status"] in ("ok", "short", "oom") or (
+                    row["status"] == "claimed" and row["claimed_by"] != owner
+                    and _owner_alive(row["claimed_by"])
+                    and now - row["updated_at"] < CLAIM_TIMEOUT_S)):
+                return False
+            self.conn.execute(
+                "INSERT OR REPLACE INTO sustained (signature, env, status, claimed_by, run_id, "
+                "updated_at) VALUES (?, ?, 'claimed', ?, ?, ?)",
+                (signature, env, owner, run_id, now))
+        return True
+
+    def record_sustained(self, env: str, signature: str, status: str, point: str | None,
+                         burst_ms: float | None, sustained_ms: float | None,
+                         error: str | None, run_id: int, device_seconds: float) -> None:
+        """Store a claimed signature's sustained-load timing: `ok` with both times, `short`
+        (its largest point is too short to heat the GPU; `burst_ms` is that point's time),
+        `oom` or `failed` (with `error`)."""
+        with _transaction(self.conn, immediate=True):
+            self.conn.execute(
+                "UPDATE sustained SET status = ?, point = ?, burst_ms = ?, sustained_ms = ?, "
+                "error = ?, claimed_by = NULL, run_id = ?, updated_at = ? "
+                "WHERE signature = ? AND env = ?",
+                (status, point, burst_ms, sustained_ms, error, run_id, time.time(),
+                 signature, env))
+            self._add_run_seconds(run_id, signature, device_seconds, 0)
+
+    def sustained(self, env: str) -> dict[str, dict]:
+        """signature -> {point (dict), burst_ms, sustained_ms} of every signature timed
+        under sustained load (status ok) in `env`."""
+        rows = self.conn.execute(
+            "SELECT signature, point, burst_ms, sustained_ms FROM sustained WHERE env = ? "
+            "AND status = 'ok'", (env,))
+        return {r["signature"]: {"point": json.loads(r["point"]), "burst_ms": r["burst_ms"],
+                                 "sustained_ms": r["sustained_ms"]} for r in rows}
+
+    def sustained_done(self, env: str) -> set[str]:
+        """Signatures whose sustained-load timing is settled in `env` (ok, short or oom)."""
+        return {r[0] for r in self.conn.execute(
+            "SELECT signature FROM sustained WHERE env = ? AND status IN ('ok', 'short', "
+            "'oom')", (env,))}
+
     # --- fits ----------------------------------------------------------------------------------
 
     def save_fits(self, env: str, rows: Sequence[tuple[str, str, dict, float | None, int, str]]
@@ -625,7 +694,14 @@ def _upgrade_3(conn: sqlite3.Connection) -> None:
         conn.execute("ALTER TABLE points ADD COLUMN host_probe_ms REAL")
 
 
-_UPGRADES = {1: _upgrade_1, 2: _upgrade_2, 3: _upgrade_3}
+def _upgrade_4(conn: sqlite3.Connection) -> None:
+    """v4 -> v5: the `sustained` table, each signature timed under sustained load. A v4 DB
+    has none (`profile` on the GPU times them; predictions without one are at boost clock)."""
+    if not _has_table(conn, "sustained"):
+        conn.execute(next(s for s in _SCHEMA.split(";") if "CREATE TABLE sustained " in s))
+
+
+_UPGRADES = {1: _upgrade_1, 2: _upgrade_2, 3: _upgrade_3, 4: _upgrade_4}
 """schema version -> function that upgrades it by one version, inside one transaction."""
 
 

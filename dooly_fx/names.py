@@ -22,3 +22,5 @@ ENGINE_PREPARE_ROLE = "engine:prepare_batch"
 """Role of the paged engine's per-step batch preparation unit (host work before the forward)."""
 FORWARD_HOST_ROLE = "engine:forward"
 """Role of the paged engine's whole forward, timed for its host issue (`forward_host`)."""
+HOST_KINDS = ("shape_build", "engine_prepare", "forward_host")
+"""Unit kinds that are host work (their timings are host time), not kernels."""

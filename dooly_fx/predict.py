@@ -200,6 +200,10 @@ class UnitFit:
     sms: int | None = None
     """Multiprocessors of the environment's device (the FLOPs are counted as its kernels
     occupy it, `costs.cost`)."""
+    sustained: tuple[float, float] | None = None
+    """(slowdown, FLOPs per ms) measured under sustained load (`timing.sustained`): its time
+    held over its burst time (at least 1) at its point of most FLOPs, and its FLOP rate
+    there; None where it was not timed so (see `held_ms`)."""
 
 
 @dataclass
@@ -277,6 +281,7 @@ def load(db: LatencyDB, model: str, env: str, engine: str) -> Loaded:
             Use(r["role"], r["signature"], r["count"], r["binding"]))
     stored = db.fits(env)
     sms = environment_sms(db, env)
+    held = db.sustained(env)
     fits, missing = {}, []
     for key in sorted({r["signature"] for r in rows}):
         if key not in stored:
@@ -289,9 +294,19 @@ def load(db: LatencyDB, model: str, env: str, engine: str) -> Loaded:
                             "of dooly_fx; run `python -m dooly_fx fit --db FILE` on it")
         fits[key] = UnitFit(sig["kind"], sig["canonical"], unit_vars(sig["canonical"]),
                             LatencyModel.from_json(model_json["gpu"]), model_json["host_ms"],
-                            stored[key]["cv_mape"], model_json.get("key_classes", {}), sms)
+                            stored[key]["cv_mape"], model_json.get("key_classes", {}), sms,
+                            _slowdown(held.get(key), sig["canonical"], sms))
     return Loaded(model, engine, env, config, uses, fits, missing, builds, engine_units,
                   forward_units, *environment_host(db, env))
+
+
+def _slowdown(row: dict | None, canonical: dict, sms: int | None
+              ) -> tuple[float, float] | None:
+    """`UnitFit.sustained` from a `LatencyDB.sustained` row."""
+    if row is None or not row["burst_ms"] or not row["sustained_ms"]:
+        return None
+    flops = cost(canonical, row["point"], sms)[0]
+    return max(1.0, row["sustained_ms"] / row["burst_ms"]), flops / row["burst_ms"]
 
 
 def at_host_speed(loaded: Loaded, probe_ms: float | None) -> Loaded:
@@ -316,9 +331,12 @@ class UnitStep:
     count: int
     point: dict
     gpu_ms: float
-    """Per call."""
+    """Per call, at the clock of a GPU that has not been busy for long."""
     host_ms: float
     extrapolated: bool
+    sustained_ms: float | None = None
+    """Per call, at the clock the GPU settles at once it has been busy for a while
+    (`held_ms`); None: as `gpu_ms`."""
 
 
 @dataclass
@@ -338,6 +356,16 @@ class Step:
     units_host_ms: float | None = None
     """Σ count × host ms of the units, where the host time is the whole forward's
     (`forward_host`) instead; None where it is this sum."""
+    clock_ms: float = 0.0
+    """What the GPU's lower clock under load adds to `gpu_ms` (`loaded_gpu_ms`)."""
+
+    def in_step_ms(self, unit: UnitStep) -> float:
+        """One call of `unit` in this step: its GPU ms plus its share of `clock_ms`."""
+        extra = sum(u.count * (u.sustained_ms - u.gpu_ms) for u in self.units
+                    if u.sustained_ms is not None)
+        if not extra or unit.sustained_ms is None:
+            return unit.gpu_ms
+        return unit.gpu_ms + (unit.sustained_ms - unit.gpu_ms) * self.clock_ms / extra
 
     @property
     def total_ms(self) -> float:
@@ -349,7 +377,7 @@ class Step:
         return {"phase": self.phase, "regime": self.regime, "values": self.values,
                 "total_ms": self.total_ms, "gpu_ms": self.gpu_ms, "host_ms": self.host_ms,
                 "prepare_ms": self.prepare_ms, "setup_ms": self.setup_ms,
-                "units_host_ms": self.units_host_ms,
+                "units_host_ms": self.units_host_ms, "clock_ms": self.clock_ms,
                 "units": [vars(u) for u in self.units]}
 
 
@@ -455,27 +483,53 @@ def unit_ms(fit: UnitFit, point: dict, keys: int | None = None) -> float:
     return ms * keys_ratio(fit.key_classes, point, keys)
 
 
+def held_ms(fit: UnitFit, point: dict, ms: float) -> float:
+    """GPU ms of one call of a unit at `point` under sustained load, from its `ms` at boost
+    clock. A kernel slows as the clock falls in proportion to how compute-bound it is, so
+    its measured slowdown (`UnitFit.sustained`) applies in full where it computes at least
+    at the rate it was timed at under load, and in the ratio of the rates below that; a
+    unit never timed under load does not slow."""
+    if fit.sustained is None:
+        return ms
+    slowdown, rate = fit.sustained
+    share = 1.0 if rate <= 0 or ms <= 0 else \
+        min(1.0, cost(fit.canonical, point, fit.sms)[0] / ms / rate)
+    return ms * (1.0 + (slowdown - 1.0) * share)
+
+
+def loaded_gpu_ms(gpu: float, held: float, host: float) -> float:
+    """GPU ms of a step whose kernels take `gpu` ms at boost clock and `held` ms at the clock
+    the GPU settles at under load, issued by a host that takes `host` ms. The board lowers
+    its clock with the power it draws, so the step pays the difference in the measure the
+    GPU is kept busy: all of it when GPU-bound, gpu / host of it when host-bound."""
+    busy = 1.0 if host <= gpu or host <= 0 else gpu / host
+    return gpu + busy * (held - gpu)
+
+
 def predict_uses(loaded: Loaded, uses: Sequence[Use], values: dict,
-                 skew: float = DEFAULT_SKEW) -> tuple[list[UnitStep], float, float]:
-    """Each unit's prediction at `values`, and Σ count × GPU ms and Σ count × host ms."""
-    units, gpu, host = [], 0.0, 0.0
+                 skew: float = DEFAULT_SKEW) -> tuple[list[UnitStep], float, float, float]:
+    """Each unit's prediction at `values`, and Σ count × GPU ms, Σ count × host ms and
+    Σ count × GPU ms under sustained load (`held_ms`)."""
+    units, gpu, host, held = [], 0.0, 0.0, 0.0
     for use in uses:
         fit = loaded.fits[use.signature]
         point = unit_point(fit, use, values, skew)
         ms = unit_ms(fit, point, values.get("keys"))
         host_ms = fit.host_ms * loaded.host_scale
+        sustained = held_ms(fit, point, ms)
         units.append(UnitStep(use.role, fit.kind, use.signature, use.count, point, ms,
-                              host_ms, not fit.gpu.in_range(point)))
+                              host_ms, not fit.gpu.in_range(point), sustained))
         gpu += use.count * ms
         host += use.count * host_ms
-    return units, gpu, host
+        held += use.count * sustained
+    return units, gpu, host, held
 
 
 def predict_at(loaded: Loaded, phase: str, values: dict, skew: float = DEFAULT_SKEW) -> Step:
     """Predicted time of one step of `phase` at request values (B, S, P or T, N, P)."""
     regime, uses = _uses(loaded, phase, values)
     _require_fits(loaded)
-    units, gpu, host = predict_uses(loaded, uses, values, skew)
+    units, gpu, host, held = predict_uses(loaded, uses, values, skew)
     # The shape setup is the host time of the attention's first call at a new shape; the
     # preparation is host work end to end, so its timed latency is its cost.
     setup = predict_uses(loaded, loaded.builds.get((phase, regime), []), values)[2]
@@ -483,10 +537,14 @@ def predict_at(loaded: Loaded, phase: str, values: dict, skew: float = DEFAULT_S
                            values)[1] * loaded.host_scale
     forward = loaded.forward_units.get((phase, regime))
     if not forward:
-        return Step(phase, regime, values, units, gpu, host, prepare, setup)
+        loaded_gpu = loaded_gpu_ms(gpu, held, host)
+        return Step(phase, regime, values, units, loaded_gpu, host, prepare, setup,
+                    clock_ms=loaded_gpu - gpu)
     # The whole forward's host issue: the units' and the Python between them.
     whole = predict_uses(loaded, forward, values)[2]
-    return Step(phase, regime, values, units, gpu, whole, prepare, setup, units_host_ms=host)
+    loaded_gpu = loaded_gpu_ms(gpu, held, whole)
+    return Step(phase, regime, values, units, loaded_gpu, whole, prepare, setup,
+                units_host_ms=host, clock_ms=loaded_gpu - gpu)
 
 
 # --- continuous batching ---------------------------------------------------------------------
@@ -515,7 +573,7 @@ class FlatStepTime:
     def __init__(self, loaded: Loaded, skew: float = DEFAULT_SKEW) -> None:
         _require_fits(loaded)
         self.loaded, self.skew = loaded, skew
-        self._memo: dict[tuple, tuple[float, ...]] = {}
+        self._memo: dict[tuple, np.ndarray] = {}
         self._steps: dict[tuple, Step] = {}
         self._shapes: set[tuple[int, int]] = set()
         if loaded.engine.startswith("paged"):
@@ -530,13 +588,14 @@ class FlatStepTime:
         """A unit whose latency depends on the step's token count alone (and MoE skew)."""
         return set(self.loaded.fits[use.signature].names) <= {"m", "skew"}
 
-    def _units(self, uses: Sequence[Use], values: dict) -> tuple[float, float]:
-        _, gpu, host = predict_uses(self.loaded, uses, values, self.skew)
-        return gpu, host
+    def _units(self, uses: Sequence[Use], values: dict) -> np.ndarray:
+        _, gpu, host, held = predict_uses(self.loaded, uses, values, self.skew)
+        return np.array([gpu, host, held])
 
-    def attention(self, phase: str, values: dict) -> tuple[float, float]:
-        """(GPU ms, host ms) of one step's attention-side units (every unit whose latency
-        depends on more than the token count) in `phase` at padded `values` (B, S, P)."""
+    def attention(self, phase: str, values: dict) -> np.ndarray:
+        """(GPU ms, host ms, GPU ms under sustained load) of one step's attention-side units
+        (every unit whose latency depends on more than the token count) in `phase` at padded
+        `values` (B, S, P)."""
         key = (phase, *sorted(values.items()))
         if key not in self._memo:
             _, uses = _uses(self.loaded, phase, values)
@@ -552,23 +611,22 @@ class FlatStepTime:
             # B*S = T and B = N for the bindings of the padded capture.
             self._memo[key] = self._units(self._tokenwise, {"B": len(batch),
                                                             "S": tokens / len(batch)})
-        gpu, host = self._memo[key]
+        total = self._memo[key]
         bucket = self.CONTEXT_BUCKET
         decodes = [c for q, c in batch if q == 1 and c > 0]
         if decodes:
             mean = max(1, round(sum(decodes) / len(decodes) / bucket)) * bucket
-            g, h = self.attention("decode", {"B": len(decodes), "S": 1, "P": mean})
-            gpu, host = gpu + g, host + h
+            total = total + self.attention("decode", {"B": len(decodes), "S": 1, "P": mean})
         for q, c in batch:
             if q == 1 and c > 0:
                 continue
             if c == 0:
-                g, h = self.attention("prefill", {"B": 1, "S": q, "P": 0})
+                total = total + self.attention("prefill", {"B": 1, "S": q, "P": 0})
             else:
-                g, h = self.attention("mixed", {"B": 1, "S": q,
-                                                 "P": max(1, round(c / bucket)) * bucket})
-            gpu, host = gpu + g, host + h
-        return max(gpu, host) / 1e3
+                total = total + self.attention("mixed", {"B": 1, "S": q,
+                                                         "P": max(1, round(c / bucket)) * bucket})
+        gpu, host, held = total
+        return max(loaded_gpu_ms(gpu, held, host), host) / 1e3
 
     def _paged(self, batch: Batch) -> float:
         """A paged-engine profile: the step at (T, N, mean cached), cached to 16 tokens, plus

@@ -26,20 +26,28 @@ import torch
 
 from dooly_fx.capture import capture
 from dooly_fx.costs import cost
-from dooly_fx.db import DEFAULT_TIMER, LatencyDB, Timing, canonical_point, env_timer, fingerprint
+from dooly_fx.db import (
+    DEFAULT_TIMER,
+    UNNAMED_TIMER,
+    LatencyDB,
+    Timing,
+    canonical_point,
+    env_timer,
+    fingerprint,
+)
 from dooly_fx.engine import EngineProfile
 from dooly_fx.errors import UserError
 from dooly_fx.fused import fused_signature
 from dooly_fx.hostinfo import cpu_name
 from dooly_fx.lowering import Runnable, UnitCase, lower
-from dooly_fx.names import ENGINE_PREPARE_ROLE, FORWARD_HOST_ROLE, SHAPE_BUILD_SUFFIX
+from dooly_fx.names import ENGINE_PREPARE_ROLE, FORWARD_HOST_ROLE, HOST_KINDS, SHAPE_BUILD_SUFFIX
 from dooly_fx.paged import release_models
 from dooly_fx.passes.partition import partition, unit_outputs, unit_subgraph
 from dooly_fx.passes.signature import binding, signature, signature_of
 from dooly_fx.passes.taint import META_KEY, Config, TensorLabel, taint
 from dooly_fx.spec import ModelSpec
 from dooly_fx.sweep import Bounds, points, spread, sweep_points
-from dooly_fx.timing import host_issue, measure, replay_overhead_ms
+from dooly_fx.timing import SUSTAIN_MIN_MS, host_issue, measure, replay_overhead_ms, sustained
 
 T = TypeVar("T")
 
@@ -174,9 +182,9 @@ def _case(gm, unit, sig) -> UnitCase:
 
 def environment(device: str, timer: str = DEFAULT_TIMER) -> Env:
     """The fingerprint of where timings are taken: device, driver, library versions and timing
-    method (hash of the info dict; a timer other than the default is named in it,
-    `db.TIMERS`). The engine profile is not part of it: a unit's signature already names
-    its kernels and dtypes, so engines share every unit they have in common."""
+    method (hash of the info dict; a timer other than `db.UNNAMED_TIMER` is named in it).
+    The engine profile is not part of it: a unit's signature already names its kernels and
+    dtypes, so engines share every unit they have in common."""
     import transformers
 
     try:
@@ -198,7 +206,7 @@ def environment(device: str, timer: str = DEFAULT_TIMER) -> Env:
                     cuda=torch.version.cuda, driver=_driver_version(),
                     memory_gib=round(props.total_memory / 2**30, 1),
                     sms=props.multi_processor_count)
-        if timer != DEFAULT_TIMER:
+        if timer != UNNAMED_TIMER:
             info.update(timer=timer,
                         replay_overhead_us=round(replay_overhead_ms(device) * 1e3, 2))
     else:
@@ -308,12 +316,17 @@ def plan(db: LatencyDB, coll: Collection, env: Env, bounds: Bounds,
     unique = {(k, t) for sigs, _ in sources.values() for k in sigs for t in grid[k]}
     dedup = sum(seconds[p] for p in unique)
     missing_unique = [p for p in unique if not done(*p)]
+    measured = {k for (k, _), row in status.items() if row["status"] == "ok"}
+    settled = db.sustained_done(env.fingerprint) if env.fingerprint != "none" else set()
+    unsustained = {k for k, _ in unique if k in measured and k not in settled
+                   and needs_sustained(env, canonical[k]["kind"])}
     return {
         "environment": env.fingerprint, "device": env.device, "bounds": vars(bounds),
         "models": per_model,
         "unique_signatures": len({k for k, _ in unique}),
         "unique_points": len(unique), "missing_points": len(missing_unique),
         "estimated_missing_seconds": round(sum(seconds[p] for p in missing_unique), 1),
+        "missing_sustained": len(unsustained),
         "estimated_seconds_dedup": round(dedup, 1),
         "estimated_seconds_per_model": round(baseline, 1),
         "saving": round(1 - dedup / baseline, 4) if baseline else 0.0,
@@ -377,6 +390,8 @@ class ProfileResult:
     device_seconds: float = 0.0
     errors: list[str] = field(default_factory=list)
     interrupted: bool = False
+    sustained: int = 0
+    """Signatures timed under sustained load (`timing.sustained`)."""
 
 
 def record_models(db: LatencyDB, coll: Collection, env: Env) -> None:
@@ -425,6 +440,8 @@ def profile(db: LatencyDB, coll: Collection, env: Env, bounds: Bounds, device: s
             for _ in range(len(points(case.canonical, bounds)) - len(offered)):
                 if on_point:  # grid points the adaptive sweep left out
                     on_point()
+            if stop is None or not stop():
+                _sustain(db, case, env, device, run_id, budget_ms, result)
             release_models()  # a whole model built for this case holds no memory after it
     except BaseException:
         status = "interrupted"
@@ -483,6 +500,47 @@ def _measure_batch(db, case, claimed, env, device, run_id, result, on_point, bud
         else:
             result.failed += 1
             result.errors.append(f"{case.kind} {case.key[:12]}: {outcome}")
+
+
+def needs_sustained(env: Env, kind: str) -> bool:
+    """Whether units of `kind` are timed under sustained load in `env`: GPU work on a CUDA
+    device timed with `stream` (a CPU does not lower its clock within a step the way a GPU
+    at its power limit does; host-side units have no kernels; `do_bench`'s fixed costs per
+    sample already read about as high as the lower clock, `bench/results/stream_timer/`)."""
+    return env.info.get("device_type") == "cuda" and env_timer(env.info) == "stream" \
+        and kind not in HOST_KINDS
+
+
+def _sustain(db: LatencyDB, case: UnitCase, env: Env, device: str, run_id: int,
+             budget_ms: tuple[float, float], result: ProfileResult) -> None:
+    """Time `case` under sustained load (`timing.sustained`) at its measured point of most
+    FLOPs, unless done or claimed by another profiler. A unit whose largest point takes
+    under `SUSTAIN_MIN_MS` is recorded `short`, untimed."""
+    measured = db.ok_points(env.fingerprint, case.key)
+    if not needs_sustained(env, case.kind) or not measured or \
+            not db.claim_sustained(env.fingerprint, case.key, run_id):
+        return
+    started = time.perf_counter()
+    point, ms = max(measured, key=lambda pm: (cost(case.canonical, pm[0])[0], pm[1]))
+    status, burst, held, error = "failed", ms, None, "interrupted"
+    try:
+        if ms < SUSTAIN_MIN_MS:
+            status, error = "short", None
+        else:
+            outcome = _run_point(case, point, device, lambda run: sustained(
+                run.fn, device, budget_ms, run.graphs, env_timer(env.info)))
+            if isinstance(outcome, tuple):
+                status, (burst, held), error = "ok", outcome, None
+            else:
+                status, error = ("oom", None) if outcome == "oom" else ("failed", outcome)
+    finally:
+        elapsed = time.perf_counter() - started
+        db.record_sustained(env.fingerprint, case.key, status, canonical_point(point), burst,
+                            held, error, run_id, elapsed)
+        result.device_seconds += elapsed
+    result.sustained += status == "ok"
+    if status == "failed":
+        result.errors.append(f"{case.kind} {case.key[:12]} under sustained load: {error}")
 
 
 def _measure_point(case: UnitCase, point: dict, device: str, budget_ms: tuple[float, float],

@@ -5,16 +5,17 @@
   replay, the L2 cache flushed before each. Replay runs the unit's kernels back to back, so
   the number is GPU time, not Python's issue time; units that cannot be captured (host syncs,
   data-dependent shapes) are timed on direct calls instead. Two timers (`TIMERS`):
-  - `do_bench` (the default): as `triton.testing.do_bench`, the flush zeroes a 256 MB buffer
+  - `do_bench`: as `triton.testing.do_bench`, the flush zeroes a 256 MB buffer
     and a sample is the time between the events. Zeroing leaves L2 full of dirty lines that
     the timed kernel writes back to HBM, and a replay between two events pays a fixed cost
     (the events and the graph launch, microseconds); no kernel inside a step pays either, so
     decode-sized units read high (+49% on a 4096×4096 decode GEMM against its kernel inside
     a step, `bench/results/l2_flush.txt`);
-  - `stream`: the flush reads the buffer (L2 is left holding clean lines), and each replay's
-    sample is the event time less the replay overhead (`replay_overhead_ms`, measured once
-    per device): a unit's number is the time its kernels take in an eager stream of kernels,
-    each with its slot to the next (units timed on direct calls keep the event time);
+  - `stream` (the default): the flush reads the buffer (L2 is left holding clean lines), and
+    each replay's sample is the event time less the replay overhead (`replay_overhead_ms`,
+    measured once per device): a unit's number is the time its kernels take in an eager
+    stream of kernels, each with its slot to the next (units timed on direct calls keep the
+    event time);
 * CPU: `time.perf_counter` around each call.
 It also returns `host_ms`, the host cost of issuing one call eagerly, which a launch-bound
 engine pays whether or not the GPU is busy; the predictor combines the two. Host costs move
@@ -40,6 +41,16 @@ _MIN_SAMPLE_MS = 5e-4
 """A replay's sample, less the replay overhead, is never taken below this (0.5 µs): a unit
 has at least one kernel, and the fits need positive latencies."""
 _overheads: dict[str, float] = {}
+SUSTAIN_IDLE_S = 0.2
+"""The GPU idles this long before a unit's burst time is taken (`sustained`)."""
+SUSTAIN_WARMUP_MS = 300.0
+"""Back-to-back calls before a unit's sustained time is taken: under a compute-bound load the
+board reaches its power limit and the SM clock settles lower within about this long
+(`bench/results/clock_settle.json`, `trajectory`)."""
+SUSTAIN_REP_MS = 100.0
+SUSTAIN_MIN_MS = 0.05
+"""A unit whose largest point takes less than this (ms) is not timed under sustained load:
+its kernels are too short to be compute-bound for long."""
 
 
 def measure(
@@ -73,6 +84,21 @@ def _count(estimate_ms: float, budget_ms: float, low: int, high: int) -> int:
     return max(low, min(high, int(budget_ms / max(estimate_ms, 1e-6))))
 
 
+def sustained(fn: Callable[[], object], device: str, budget_ms: tuple[float, float],
+              graphs: bool = True, timer: str = DEFAULT_TIMER) -> tuple[float, float]:
+    """(burst ms, sustained ms) of `fn` on a CUDA device: its median as the profiler times
+    a point (`budget_ms` of warm-up and samples) after the GPU idled `SUSTAIN_IDLE_S`, then
+    after `SUSTAIN_WARMUP_MS` of back-to-back calls. A long GPU-bound step keeps the GPU busy
+    long enough for the power limit to lower its clock; a profiled point does not."""
+    torch.cuda.synchronize(device)
+    time.sleep(SUSTAIN_IDLE_S)
+    burst = measure(fn, device, warmup_ms=budget_ms[0], rep_ms=budget_ms[1], graphs=graphs,
+                    host_calls=1, timer=timer)
+    held = measure(fn, device, warmup_ms=SUSTAIN_WARMUP_MS, rep_ms=SUSTAIN_REP_MS,
+                   max_samples=100_000, graphs=graphs, host_calls=1, timer=timer)
+    return burst.median_ms, held.median_ms
+
+
 def _measure_cpu(fn, warmup_ms, rep_ms, min_samples, max_samples) -> Timing:
     start = time.perf_counter()
     calls = 0
@@ -93,7 +119,7 @@ def _measure_cuda(fn, device, warmup_ms, rep_ms, min_samples, max_samples, graph
     if timer not in TIMERS:
         raise ValueError(f"unknown timer {timer!r}; one of {', '.join(TIMERS)}")
     torch.cuda.synchronize(device)
-    flush = _l2_flush(device, zero=timer == DEFAULT_TIMER)
+    flush = _l2_flush(device, zero=timer == "do_bench")
     fn()  # first call: lazy initialisation, autotuning
     torch.cuda.synchronize(device)
     host = host_issue(fn, device, calls=host_calls)

@@ -268,7 +268,10 @@ def unit_fidelity(spec: ModelSpec, engine: EngineProfile, loaded, steps: Sequenc
                   device: str = "cuda") -> list[dict]:
     """Microbenchmark fidelity: per unit, the predicted GPU time of one call against the time
     of the same module's kernels inside the real step (torch.profiler ranges around each leaf
-    module of a `LEAF_KINDS` unit; kernel time per call, averaged over the module's calls)."""
+    module of a `LEAF_KINDS` unit; kernel time per call, averaged over the module's calls):
+    `predicted_ms` as the unit was timed (boost clock), `loaded_ms` with its share of the
+    step's lower clock under load (`Step.in_step_ms`). The profiler slows the host, so a
+    step it records may keep the GPU less busy than the same step does unprofiled."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile, record_function
 
@@ -327,10 +330,13 @@ def unit_fidelity(spec: ModelSpec, engine: EngineProfile, loaded, steps: Sequenc
             total = event.device_time_total if device.startswith("cuda") else \
                 event.cpu_time_total
             measured = total / 1e3 / max(1, event.count)
+            held = step.in_step_ms(unit)
             rows.append({"step": text, "role": unit.role, "kind": unit.kind,
                          "calls": event.count, "in_step_ms": measured,
                          "predicted_ms": unit.gpu_ms,
-                         "error": (unit.gpu_ms - measured) / measured if measured else None})
+                         "error": (unit.gpu_ms - measured) / measured if measured else None,
+                         "loaded_ms": held,
+                         "loaded_error": (held - measured) / measured if measured else None})
     return rows
 
 

@@ -239,7 +239,7 @@ def export_vidur(loaded: Loaded, max_tokens: int = 4096, max_batch: int = 128,
     for chunk, cached, batch, is_prefill in attention_grid(max_tokens, max_batch):
         seqs = [(chunk, cached)] if is_prefill else [(1, cached)] * batch
         phase, values = batch_values(seqs, loaded.engine)  # prefill, mixed or decode
-        gpu, _ = flat.attention(phase, values)
+        gpu = flat.attention(phase, values)[0]
         tokens = max(chunk, batch)
         save = sum(u.count * _gpu_ms(loaded, u, batch_values([(tokens, 0)], loaded.engine)[1])
                    for _, u in saves) / layers

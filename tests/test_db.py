@@ -33,7 +33,7 @@ def test_new_db_is_wal_and_versioned(tmp_path):
     with _fresh(tmp_path / "lat.db") as db:
         assert db.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         meta = dict(db.conn.execute("SELECT key, value FROM meta").fetchall())
-    assert meta == {"app": "dooly_fx latency db", "schema_version": "4"}
+    assert meta == {"app": "dooly_fx latency db", "schema_version": "5"}
 
 
 @pytest.mark.parametrize("content", [b"not a database at all\n" * 50, b"SQLite format 3\x00junk"])
@@ -182,7 +182,7 @@ def test_v1_db_is_refused_then_upgraded_in_place(tmp_path):
         LatencyDB.open(path)
     assert path.read_bytes() == before
 
-    assert upgrade(path) == (1, 4)
+    assert upgrade(path) == (1, 5)
     new_env = fingerprint({"device": "cpu"})
     with LatencyDB.open(path) as db:
         assert [e["fingerprint"] for e in db.environments()] == [new_env]
@@ -212,7 +212,7 @@ def test_v3_db_upgrades_to_host_probes_and_refresh_sets_them(tmp_path):
         db.conn.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
     with pytest.raises(UserError, match="upgrade-db"):
         LatencyDB.open(path)
-    assert upgrade(path) == (3, 4)
+    assert upgrade(path) == (3, 5)
     with LatencyDB.open(path) as db:
         assert db.host_points(ENV, SIG) == [(0.01, None)] * 3
         assert db.host_probe_ms(ENV) is None
@@ -223,6 +223,34 @@ def test_v3_db_upgrades_to_host_probes_and_refresh_sets_them(tmp_path):
         assert db.host_probe_ms(ENV) == pytest.approx(0.6)
         assert db.host_unprobed(ENV, SIG) == []
         assert [m for _, m in db.ok_points(ENV, SIG)] == [1.0] * 3
+
+
+def test_v4_db_upgrades_to_sustained_timings_claimed_once(tmp_path):
+    """v5 adds the `sustained` table: a v4 DB is refused, then upgraded with none. A claim
+    holds a signature until it is recorded; a failed one is claimed again, a done one never;
+    only `ok` rows are timings."""
+    from dooly_fx.db import upgrade
+
+    path = tmp_path / "v4.db"
+    with _fresh(path) as db:
+        db.conn.execute("DROP TABLE sustained")
+        db.conn.execute("UPDATE meta SET value = '4' WHERE key = 'schema_version'")
+    with pytest.raises(UserError, match="upgrade-db"):
+        LatencyDB.open(path)
+    assert upgrade(path) == (4, 5)
+    with LatencyDB.open(path) as db:
+        assert db.sustained(ENV) == {} and db.sustained_done(ENV) == set()
+        run = db.start_run(ENV, "profile")
+        assert db.claim_sustained(ENV, SIG, run)
+        db.record_sustained(ENV, SIG, "failed", POINTS[0], 1.0, None, "boom", run, 0.5)
+        assert db.sustained(ENV) == {} and db.sustained_done(ENV) == set()
+        assert db.claim_sustained(ENV, SIG, run)
+        db.record_sustained(ENV, SIG, "ok", '{"m": 4096}', 0.5, 0.55, None, run, 0.75)
+        assert not db.claim_sustained(ENV, SIG, run)
+        assert db.sustained(ENV) == {SIG: {"point": {"m": 4096}, "burst_ms": 0.5,
+                                           "sustained_ms": 0.55}}
+        assert db.sustained_done(ENV) == {SIG}
+        assert db.device_seconds(ENV) == {SIG: 1.25}
 
 
 def test_a_db_file_another_profiler_is_still_creating_is_opened_not_refused(tmp_path):

@@ -192,7 +192,10 @@ def test_unit_fidelity_attributes_each_leaf_modules_time_in_the_step(tiny_db):
     path, spec, env, *_ = tiny_db
     with LatencyDB.open(path) as db:
         loaded = load(db, spec.name, env.fingerprint, EngineProfile().label)
-    rows = unit_fidelity(spec, EngineProfile(), loaded, ["decode:2x32"], device="cpu")
+    rows = unit_fidelity(spec, EngineProfile(), loaded, ["decode:2x32", "prefill:1x8"],
+                         device="cpu")
+    assert {r["step"] for r in rows} == {"decode:2x32", "prefill:1x8"}
+    rows = [r for r in rows if r["step"] == "decode:2x32"]
     calls = {r["role"]: r["calls"] for r in rows}
     per_layer = [f"model.layers.*.{m}" for m in (
         "input_layernorm", "post_attention_layernorm", "self_attn.q_proj", "self_attn.k_proj",
@@ -205,6 +208,73 @@ def test_unit_fidelity_attributes_each_leaf_modules_time_in_the_step(tiny_db):
     for row in rows:
         assert row["in_step_ms"] > 0 and row["predicted_ms"] == units[row["role"]].gpu_ms
         assert row["error"] == pytest.approx(row["predicted_ms"] / row["in_step_ms"] - 1)
+        assert row["loaded_ms"] == row["predicted_ms"]  # no unit timed under load on CPU
+
+
+def test_a_unit_timed_under_sustained_load_slows_the_steps_that_keep_the_gpu_busy(
+        tiny_db, tmp_path, monkeypatch):
+    """The profiler times each GPU unit again under sustained load, at its measured point of
+    most FLOPs (`timing.sustained`; a unit whose largest point is short is recorded `short`,
+    untimed); a step then pays each unit's slowdown, scaled by how compute-bound the unit is
+    at the step's point, in the measure the GPU is kept busy (`loaded_gpu_ms`)."""
+    import shutil
+
+    from dooly_fx import profile as profiling
+    from dooly_fx.costs import cost
+    from dooly_fx.predict import held_ms, loaded_gpu_ms
+    from dooly_fx.profile import Env, ProfileResult, needs_sustained
+
+    path, spec, env, coll, *_ = tiny_db
+    copy = tmp_path / "lat.db"
+    shutil.copy(path, copy)
+    cuda = Env(env.fingerprint, env.device, {**env.info, "device_type": "cuda",
+                                             "timer": "stream"})
+    assert needs_sustained(cuda, "gemm") and not needs_sustained(cuda, "forward_host")
+    assert not needs_sustained(env, "gemm")  # a CPU
+    assert not needs_sustained(Env("f", "gpu", {"device_type": "cuda"}), "gemm")  # do_bench
+    with LatencyDB.open(copy) as db:
+        loaded = load(db, spec.name, env.fingerprint, EngineProfile().label)
+        before = predict_step(loaded, [(8, 0)] * 2)
+        (q,) = [u for u in before.units if u.role.endswith("q_proj")]
+        case = coll.cases[q.signature]
+        timed = []
+        monkeypatch.setattr(profiling, "sustained", lambda fn, device, budget, graphs, timer:
+                            timed.append(fn) or (0.5, 0.6))
+        monkeypatch.setattr(profiling, "SUSTAIN_MIN_MS", 0.0)
+        run, result = db.start_run(env.fingerprint, "test"), ProfileResult()
+        profiling._sustain(db, case, cuda, "cpu", run, (0.5, 1.0), result)
+        profiling._sustain(db, case, cuda, "cpu", run, (0.5, 1.0), result)  # done: nothing
+        assert len(timed) == 1 and result.sustained == 1
+        largest = max(db.ok_points(env.fingerprint, q.signature),
+                      key=lambda pm: cost(case.canonical, pm[0])[0])[0]
+        assert db.sustained(env.fingerprint) == {q.signature: {
+            "point": largest, "burst_ms": 0.5, "sustained_ms": 0.6}}
+        monkeypatch.setattr(profiling, "SUSTAIN_MIN_MS", 1e9)
+        head = next(c for c in coll.cases.values() if c.kind == "lm_head")
+        profiling._sustain(db, head, cuda, "cpu", run, (0.5, 1.0), result)
+        assert len(timed) == 1 and db.sustained_done(env.fingerprint) == {q.signature,
+                                                                          head.key}
+        loaded = load(db, spec.name, env.fingerprint, EngineProfile().label)
+    fit = loaded.fits[q.signature]
+    rate = cost(case.canonical, largest)[0] / 0.5
+    assert fit.sustained == (pytest.approx(1.2), rate)
+    for point in ({"m": 2}, {"m": 16}):
+        ms = 0.3
+        share = min(1.0, cost(case.canonical, point)[0] / ms / rate)
+        assert held_ms(fit, point, ms) == pytest.approx(ms * (1 + 0.2 * share))
+    step = predict_step(loaded, [(8, 0)] * 2)
+    (u,) = [u for u in step.units if u.role.endswith("q_proj")]
+    assert u.gpu_ms == q.gpu_ms and u.sustained_ms == held_ms(fit, u.point, u.gpu_ms)
+    assert all(v.sustained_ms == v.gpu_ms for v in step.units if v.signature != u.signature)
+    busy = min(1.0, before.gpu_ms / before.host_ms)
+    extra = sum(v.count * (v.sustained_ms - v.gpu_ms) for v in step.units)
+    assert step.clock_ms == pytest.approx(busy * extra) and step.clock_ms > 0
+    assert step.gpu_ms == pytest.approx(before.gpu_ms + step.clock_ms)
+    assert step.gpu_ms == loaded_gpu_ms(before.gpu_ms, before.gpu_ms + extra, step.host_ms)
+    assert step.in_step_ms(u) == pytest.approx(u.gpu_ms + busy * (u.sustained_ms - u.gpu_ms))
+    assert FlatStepTime(loaded)([(8, 0)]) * 1e3 == pytest.approx(
+        predict_step(loaded, [(8, 0)]).total_ms)
+    assert loaded_gpu_ms(2.0, 3.0, 1.0) == 3.0 and loaded_gpu_ms(1.0, 2.0, 4.0) == 1.25
 
 
 def test_host_times_are_at_the_environments_host_speed(tiny_db):

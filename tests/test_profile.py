@@ -374,6 +374,6 @@ def test_each_timer_has_its_own_cuda_environment(tmp_path, monkeypatch):
     with LatencyDB.open(tmp_path / "lat.db") as db:
         db.add_environment(fingerprint(base), base["device"], base)
         db.add_environment(fingerprint(stream), stream["device"], stream)
-        assert plan_environment(db, "cuda").fingerprint == fingerprint(base)
-        assert plan_environment(db, "cuda", "stream").fingerprint == fingerprint(stream)
+        assert plan_environment(db, "cuda", "do_bench").fingerprint == fingerprint(base)
+        assert plan_environment(db, "cuda").fingerprint == fingerprint(stream)  # the default
     assert "timer" not in environment("cpu", "stream").info  # CPU timing has no flush
