@@ -13,7 +13,8 @@ power every 20 ms throughout:
 * units: every unit of the step (`predict_step` on the DB gives signature, count and point),
   lowered as the profiler lowers it and timed with `timing.measure` (`stream`) three ways:
   - `burst`: after 1 s idle, 5 ms warm-up and 20 ms of samples, as the DB was profiled;
-  - `settled`: after 300 ms of the unit's own warm-up, 100 ms of samples;
+  - `settled`: after 300 ms of the unit's own warm-up, 100 ms of samples (the profiler's
+    `timing.SUSTAIN_WARMUP_MS` and `SUSTAIN_REP_MS`);
   - `after_step`: straight after the step has run back to back for `--heat-ms`, 1 ms warm-up
     and 5 ms of samples: the unit at the clock the step leaves behind;
   Σ count × each against the step's settled time and the DB's prediction;
@@ -43,11 +44,12 @@ from dooly_fx.predict import load, predict_step
 from dooly_fx.profile import _driver_version as driver_version
 from dooly_fx.profile import collect
 from dooly_fx.spec import resolve_model
-from dooly_fx.timing import measure
+from dooly_fx.timing import SUSTAIN_REP_MS, SUSTAIN_WARMUP_MS, measure
 from dooly_fx.validate import _padded_calls, _timer, build_model, engine_grad_mode, parse_batch
 
 DEVICE = "cuda"
-UNIT_TIMINGS = {"burst": dict(warmup_ms=5, rep_ms=20), "settled": dict(warmup_ms=300, rep_ms=100),
+UNIT_TIMINGS = {"burst": dict(warmup_ms=5, rep_ms=20),
+                "settled": dict(warmup_ms=SUSTAIN_WARMUP_MS, rep_ms=SUSTAIN_REP_MS),
                 "after_step": dict(warmup_ms=1, rep_ms=5)}
 
 

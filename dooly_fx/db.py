@@ -181,6 +181,13 @@ def _owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def _held_by_another(row: sqlite3.Row, owner: str, now: float) -> bool:
+    """Whether a claimed row is held by another profiler that is alive and within its
+    claim's time (so not to be taken over)."""
+    return row["status"] == "claimed" and row["claimed_by"] != owner and \
+        _owner_alive(row["claimed_by"]) and now - row["updated_at"] < CLAIM_TIMEOUT_S
+
+
 def _owner_alive(owner: str | None) -> bool:
     if not owner:
         return False
@@ -351,9 +358,7 @@ class LatencyDB:
                         continue
                     if row["status"] == "failed" and row["attempts"] >= MAX_ATTEMPTS:
                         continue
-                    if row["status"] == "claimed" and row["claimed_by"] != owner and \
-                            _owner_alive(row["claimed_by"]) and \
-                            now - row["updated_at"] < CLAIM_TIMEOUT_S:
+                    if _held_by_another(row, owner, now):
                         continue
                 self.conn.execute(
                     "INSERT INTO points (signature, env, point, status, attempts, claimed_by, "
@@ -489,10 +494,8 @@ class LatencyDB:
             row = self.conn.execute(
                 "SELECT status, claimed_by, updated_at FROM sustained WHERE signature = ? "
                 "AND env = ?", (signature, env)).fetchone()
-            if row is not None and (row["status"] in ("ok", "short", "oom") or (
-                    row["status"] == "claimed" and row["claimed_by"] != owner
-                    and _owner_alive(row["claimed_by"])
-                    and now - row["updated_at"] < CLAIM_TIMEOUT_S)):
+            if row is not None and (row["status"] in ("ok", "short", "oom")
+                                    or _held_by_another(row, owner, now)):
                 return False
             self.conn.execute(
                 "INSERT OR REPLACE INTO sustained (signature, env, status, claimed_by, run_id, "

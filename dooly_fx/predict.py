@@ -334,9 +334,9 @@ class UnitStep:
     """Per call, at the clock of a GPU that has not been busy for long."""
     host_ms: float
     extrapolated: bool
-    sustained_ms: float | None = None
+    sustained_ms: float
     """Per call, at the clock the GPU settles at once it has been busy for a while
-    (`held_ms`); None: as `gpu_ms`."""
+    (`held_ms`; `gpu_ms` for a unit never timed under load)."""
 
 
 @dataclass
@@ -356,16 +356,17 @@ class Step:
     units_host_ms: float | None = None
     """Σ count × host ms of the units, where the host time is the whole forward's
     (`forward_host`) instead; None where it is this sum."""
-    clock_ms: float = 0.0
-    """What the GPU's lower clock under load adds to `gpu_ms` (`loaded_gpu_ms`)."""
+    busy: float = 0.0
+    """How much of its units' slowdown under load the step pays (`gpu_busy`)."""
 
     def in_step_ms(self, unit: UnitStep) -> float:
         """One call of `unit` in this step: its GPU ms plus its share of `clock_ms`."""
-        extra = sum(u.count * (u.sustained_ms - u.gpu_ms) for u in self.units
-                    if u.sustained_ms is not None)
-        if not extra or unit.sustained_ms is None:
-            return unit.gpu_ms
-        return unit.gpu_ms + (unit.sustained_ms - unit.gpu_ms) * self.clock_ms / extra
+        return unit.gpu_ms + self.busy * (unit.sustained_ms - unit.gpu_ms)
+
+    @property
+    def clock_ms(self) -> float:
+        """What the GPU's lower clock under load adds to `gpu_ms` (`loaded_gpu_ms`)."""
+        return sum(u.count * (self.in_step_ms(u) - u.gpu_ms) for u in self.units)
 
     @property
     def total_ms(self) -> float:
@@ -497,13 +498,18 @@ def held_ms(fit: UnitFit, point: dict, ms: float) -> float:
     return ms * (1.0 + (slowdown - 1.0) * share)
 
 
+def gpu_busy(gpu: float, host: float) -> float:
+    """How busy a step keeps the GPU, whose kernels take `gpu` ms at boost clock, issued by
+    a host that takes `host` ms: 1 when GPU-bound, gpu / host when host-bound."""
+    return 1.0 if host <= gpu or host <= 0 else gpu / host
+
+
 def loaded_gpu_ms(gpu: float, held: float, host: float) -> float:
     """GPU ms of a step whose kernels take `gpu` ms at boost clock and `held` ms at the clock
     the GPU settles at under load, issued by a host that takes `host` ms. The board lowers
-    its clock with the power it draws, so the step pays the difference in the measure the
-    GPU is kept busy: all of it when GPU-bound, gpu / host of it when host-bound."""
-    busy = 1.0 if host <= gpu or host <= 0 else gpu / host
-    return gpu + busy * (held - gpu)
+    its clock with the power it draws, so the step pays the difference in the measure it
+    keeps the GPU busy (`gpu_busy`)."""
+    return gpu + gpu_busy(gpu, host) * (held - gpu)
 
 
 def predict_uses(loaded: Loaded, uses: Sequence[Use], values: dict,
@@ -537,14 +543,12 @@ def predict_at(loaded: Loaded, phase: str, values: dict, skew: float = DEFAULT_S
                            values)[1] * loaded.host_scale
     forward = loaded.forward_units.get((phase, regime))
     if not forward:
-        loaded_gpu = loaded_gpu_ms(gpu, held, host)
-        return Step(phase, regime, values, units, loaded_gpu, host, prepare, setup,
-                    clock_ms=loaded_gpu - gpu)
+        return Step(phase, regime, values, units, loaded_gpu_ms(gpu, held, host), host,
+                    prepare, setup, busy=gpu_busy(gpu, host))
     # The whole forward's host issue: the units' and the Python between them.
     whole = predict_uses(loaded, forward, values)[2]
-    loaded_gpu = loaded_gpu_ms(gpu, held, whole)
-    return Step(phase, regime, values, units, loaded_gpu, whole, prepare, setup,
-                units_host_ms=host, clock_ms=loaded_gpu - gpu)
+    return Step(phase, regime, values, units, loaded_gpu_ms(gpu, held, whole), whole, prepare,
+                setup, units_host_ms=host, busy=gpu_busy(gpu, whole))
 
 
 # --- continuous batching ---------------------------------------------------------------------

@@ -317,7 +317,7 @@ def plan(db: LatencyDB, coll: Collection, env: Env, bounds: Bounds,
     dedup = sum(seconds[p] for p in unique)
     missing_unique = [p for p in unique if not done(*p)]
     measured = {k for (k, _), row in status.items() if row["status"] == "ok"}
-    settled = db.sustained_done(env.fingerprint) if env.fingerprint != "none" else set()
+    settled = db.sustained_done(env.fingerprint)
     unsustained = {k for k, _ in unique if k in measured and k not in settled
                    and needs_sustained(env, canonical[k]["kind"])}
     return {

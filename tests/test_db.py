@@ -155,12 +155,23 @@ CREATE TABLE model_units (model TEXT NOT NULL, env TEXT NOT NULL, phase TEXT NOT
 """
 
 
+def _refused_then_upgraded(path) -> tuple[int, int]:
+    """An older DB file is refused by `open`, untouched, then `upgrade` in place."""
+    from dooly_fx.db import upgrade
+
+    before = path.read_bytes()
+    with pytest.raises(UserError, match="upgrade-db"):
+        LatencyDB.open(path)
+    assert path.read_bytes() == before
+    return upgrade(path)
+
+
 def test_v1_db_is_refused_then_upgraded_in_place(tmp_path):
     """v1 kept the engine profile in the environment fingerprint; v2 moves it to `models`, so
     two engines share their common points. The upgrade keeps every point and model row."""
     import json
 
-    from dooly_fx.db import fingerprint, upgrade
+    from dooly_fx.db import fingerprint
 
     path = tmp_path / "v1.db"
     info = {"device": "cpu", "engine": "padded|eager|bfloat16", "dtype": "bfloat16"}
@@ -177,12 +188,7 @@ def test_v1_db_is_refused_then_upgraded_in_place(tmp_path):
         db.conn.execute("INSERT INTO model_units VALUES ('m', ?, 'decode', '', 'q', ?, 3)",
                         (old_env, SIG))
         db.conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
-    before = path.read_bytes()
-    with pytest.raises(UserError, match="upgrade-db"):
-        LatencyDB.open(path)
-    assert path.read_bytes() == before
-
-    assert upgrade(path) == (1, 5)
+    assert _refused_then_upgraded(path) == (1, 5)
     new_env = fingerprint({"device": "cpu"})
     with LatencyDB.open(path) as db:
         assert [e["fingerprint"] for e in db.environments()] == [new_env]
@@ -201,7 +207,6 @@ def test_v3_db_upgrades_to_host_probes_and_refresh_sets_them(tmp_path):
     """v3 points had no host probe: the upgrade keeps them, with none; `set_host` gives
     measured points a new host time and probe in one go, and the environment's host speed
     is the median probe."""
-    from dooly_fx.db import upgrade
 
     path = tmp_path / "v3.db"
     with _fresh(path) as db:
@@ -210,9 +215,7 @@ def test_v3_db_upgrades_to_host_probes_and_refresh_sets_them(tmp_path):
         db.record(ENV, SIG, [(p, _timing(1.0)) for p in POINTS[:3]], run, 0.5)
         db.conn.execute("ALTER TABLE points DROP COLUMN host_probe_ms")
         db.conn.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
-    with pytest.raises(UserError, match="upgrade-db"):
-        LatencyDB.open(path)
-    assert upgrade(path) == (3, 5)
+    assert _refused_then_upgraded(path) == (3, 5)
     with LatencyDB.open(path) as db:
         assert db.host_points(ENV, SIG) == [(0.01, None)] * 3
         assert db.host_probe_ms(ENV) is None
@@ -229,15 +232,12 @@ def test_v4_db_upgrades_to_sustained_timings_claimed_once(tmp_path):
     """v5 adds the `sustained` table: a v4 DB is refused, then upgraded with none. A claim
     holds a signature until it is recorded; a failed one is claimed again, a done one never;
     only `ok` rows are timings."""
-    from dooly_fx.db import upgrade
 
     path = tmp_path / "v4.db"
     with _fresh(path) as db:
         db.conn.execute("DROP TABLE sustained")
         db.conn.execute("UPDATE meta SET value = '4' WHERE key = 'schema_version'")
-    with pytest.raises(UserError, match="upgrade-db"):
-        LatencyDB.open(path)
-    assert upgrade(path) == (4, 5)
+    assert _refused_then_upgraded(path) == (4, 5)
     with LatencyDB.open(path) as db:
         assert db.sustained(ENV) == {} and db.sustained_done(ENV) == set()
         run = db.start_run(ENV, "profile")
