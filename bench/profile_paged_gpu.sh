@@ -4,10 +4,13 @@
 # (T, N, P), the per-shape attention setup and the engine's per-step preparation (scheduler and
 # batch tensors) included.
 #   bash bench/profile_paged_gpu.sh OUTDIR SECONDS
+#   DB=stream.db bash bench/profile_paged_gpu.sh OUTDIR SECONDS    # into OUTDIR/stream.db
 # Stops cleanly (SIGINT) after SECONDS in all; run it again on the same DB to finish the rest.
+# The timer is profile's default (stream, with each unit also timed under sustained load).
 set -u
 OUT_DIR=${1:?output folder}
 DEADLINE=$(( $(date +%s) + ${2:-480} ))
+DB=${DB:-h100.db}
 SDPA="llama-3.2-1b llama-3.1-8b gemma-2-9b qwen2.5-7b llama-3.2-3b mistral-7b phi-3-mini
       qwen1.5-moe-a2.7b"
 EAGER="llama-3.2-1b llama-3.1-8b"
@@ -20,6 +23,6 @@ for attn in sdpa eager; do
     left=$(( DEADLINE - $(date +%s) ))
     if [ "$left" -le 10 ]; then echo "out of time before $attn"; exit 0; fi
     timeout -s INT "$left" python3 -m dooly_fx profile $models --engine paged --attn "$attn" \
-        --db "$OUT_DIR/h100.db" --device cuda $BOUNDS $BUDGET
+        --db "$OUT_DIR/$DB" --device cuda $BOUNDS $BUDGET
     echo "profile paged $attn exit: $?"
 done

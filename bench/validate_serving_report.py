@@ -1,6 +1,7 @@
 """Summarise request-level validation: TTFT/TPOT errors per model and attention, and a plot.
 
     python bench/validate_serving_report.py [--runs bench/results/serving] [--db FILE]
+        [--replayed DIR] [--models a,b,...] [--engine LABEL]
 
 Reads the `serving_*.json` files of `validate-serving --json` (each written on the GPU machine
 by bench/validate_serving_gpu.sh: transformers continuous batching serving a trace, and the
@@ -9,8 +10,10 @@ per run the MAPE over requests and the p50/p90 errors of TTFT and TPOT, the step
 error on the engine's own batches, and where the engine's step time went.
 
 With `--db`, every run's measurement is first compared again with the simulator driven by
-that DB (`validate-serving MODEL --measured FILE --db DB`, no GPU), into RUNS/replayed/, so
-the table shows the current step-time model against the same GPU measurements.
+that DB (`validate-serving MODEL --measured FILE --db DB`, no GPU), into RUNS/replayed/ (or
+--replayed DIR), so the table shows the current step-time model against the same GPU
+measurements. --models and --engine keep the runs of those models and that engine only (for a
+DB that profiled some of them).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from validate_steps_report import wanted
 
 
 def _pct(x: float | None) -> str:
@@ -52,14 +56,21 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=Path("bench/results/serving"))
     parser.add_argument("--out", type=Path, default=Path("bench/results/validate_serving.json"))
     parser.add_argument("--db", type=Path, help="replay every run's prediction with this DB")
+    parser.add_argument("--replayed", type=Path, metavar="DIR",
+                        help="where --db writes its replays (default: RUNS/replayed)")
+    parser.add_argument("--models", help="comma-separated: only these models' runs")
+    parser.add_argument("--engine", metavar="LABEL",
+                        help="only the runs of this engine (e.g. 'paged|sdpa|bfloat16')")
     args = parser.parse_args()
-    files = sorted(args.runs.glob("serving_*.json"))
+    files = [p for p in sorted(args.runs.glob("serving_*.json"))
+             if wanted(json.loads(p.read_text()), args.engine, args.models)]
     if not files:
-        sys.exit(f"{args.runs}: no validate-serving JSON files")
+        sys.exit(f"{args.runs}: no validate-serving JSON files of the models and engine asked")
+    replayed = args.replayed or args.runs / "replayed"
     # As predicted on the GPU machine, with the DB it was given at serving time.
     served = {p.name: json.loads(p.read_text()) for p in files}
     if args.db:
-        files = [_replay(path, args.db, args.runs / "replayed") for path in files]
+        files = [_replay(path, args.db, replayed) for path in files]
     rows, runs = [], []
     for path in files:
         r = json.loads(path.read_text())
@@ -120,7 +131,7 @@ def main() -> None:
         f"{machine.get('transformers')}; "
         + (f"predictions replayed from those measurements with `{args.db}` (`validate-serving "
            "MODEL --measured FILE --db DB`, files in "
-           f"`{args.runs}/replayed/`)" if args.db else
+           f"`{replayed}/`)" if args.db else
            "predictions as computed on the GPU machine from the DB it was given"),
         f"- N = {usual} requests" + (f" ({', '.join(others)})" if others else ""),
         "- MAPE over requests; p50/p90 error = simulated percentile vs measured percentile; "

@@ -38,13 +38,14 @@ def main() -> None:
     parser.add_argument("--db", type=Path, help="predict every file's steps again with this DB")
     parser.add_argument("--engine", metavar="LABEL",
                         help="only the files of this engine (e.g. 'padded|sdpa|bfloat16')")
+    parser.add_argument("--models", help="comma-separated: only these models' files")
     parser.add_argument("--replayed", type=Path, metavar="DIR",
                         help="where --db writes its predictions (default: STEPS/replayed)")
     parser.add_argument("--fidelity", type=Path, metavar="DIR",
                         help="the fidelity files' folder (default: beside the steps files)")
     args = parser.parse_args()
     files = [f for f in sorted(args.steps.glob("steps_*.json"))
-             if not args.engine or json.loads(f.read_text())["engine"] == args.engine]
+             if wanted(json.loads(f.read_text()), args.engine, args.models)]
     if not files:
         sys.exit(f"{args.steps}: no validate-steps JSON files")
     rows, everything, fidelity_rows = [], [], []
@@ -158,6 +159,13 @@ def main() -> None:
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     _plot(everything, args.out.with_suffix(".png"))
     print("\n".join(lines))
+
+
+def wanted(report: dict, engine: str | None, models: str | None) -> bool:
+    """Whether a report (of validate-steps or validate-serving) is of `engine` (if given) and
+    one of `models` (comma-separated, if given)."""
+    return ((not engine or report["engine"] == engine)
+            and (not models or report["model"] in models.split(",")))
 
 
 def _replay(path: Path, db: Path, out: Path) -> Path:
