@@ -13,7 +13,8 @@ bench/results/serving_floor.{json,md}. Three checks:
 * 1% step noise: the simulator with the DB's step times, against itself with every step time
   multiplied by exp(ε), ε ~ N(0, 0.01) (three seeds; the median is shown). A request's TTFT
   is a few steps long and depends on which step it arrives in, so a tiny error in step times
-  moves many requests by a whole step.
+  moves many requests by a whole step. The same again with the requests arriving `STRETCH`
+  times slower (the same requests over that much more time): the floor at a lighter load.
 * the engine against itself: the same workload served twice, on another machine instance
   (`serving/other_instance/`) or back to back on one (`serving/same_instance/`), compared
   per request like a prediction.
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -34,15 +36,20 @@ from dooly_fx.validate_serving import Served, _metric, compare, lockstep
 
 SEEDS = (0, 1, 2)
 NOISE = 0.01
+STRETCH = 4.0
+"""How much slower the requests arrive in the lighter-load noise check."""
 
 
 def _served(path: Path) -> Served:
     return Served.from_json(json.loads(path.read_text())["measured"])
 
 
-def _noise(served: Served, loaded) -> dict:
-    """Per-request error of the simulation against itself with 1% noise on every step."""
-    reqs, config = served.workload(), served.scheduler(loaded.config)
+def _noise(served: Served, loaded, stretch: float = 1.0) -> dict:
+    """Per-request error of the simulation against itself with 1% noise on every step, the
+    requests arriving `stretch` times slower than they reached the engine; and how much of
+    the simulated time the engine was busy (`busy`: Σ step time / the last request's finish)."""
+    reqs = [replace(r, arrival_s=r.arrival_s * stretch) for r in served.workload()]
+    config = served.scheduler(loaded.config)
     base = simulate(reqs, FlatStepTime(loaded), config)
     out = {"ttft": [], "tpot": []}
     for seed in SEEDS:
@@ -52,9 +59,11 @@ def _noise(served: Served, loaded) -> dict:
                          model(b) * float(np.exp(rng.normal(0, NOISE))), config)
         for metric in out:
             out[metric].append(_metric(getattr(base, metric), getattr(noisy, metric)))
-    return {m: {k: float(np.median([r[k] for r in rs])) for k in ("mape", "p50_error",
-                                                                   "p90_error")}
-            for m, rs in out.items()}
+    return {**{m: {k: float(np.median([r[k] for r in rs])) for k in ("mape", "p50_error",
+                                                                      "p90_error")}
+               for m, rs in out.items()},
+            "busy": float(np.sum(base.steps["duration"]) / np.nanmax(base.finish)),
+            "ttft_p50_s": float(np.nanmedian(base.ttft))}
 
 
 def _against(a: Served, b: Served) -> dict:
@@ -89,14 +98,16 @@ def main() -> None:
                "requests": len(served.requests),
                "model_error": {m: {k: model[m][k] for k in ("mape", "p50_error", "p90_error")}
                                for m in ("ttft", "tpot")},
-               "scheduler": model["scheduler"], "noise": _noise(served, loaded)}
+               "scheduler": model["scheduler"], "noise": _noise(served, loaded),
+               "noise_stretched": _noise(served, loaded, STRETCH)}
         other = args.runs / "other_instance" / path.name
         if other.exists():
             row["other_instance"] = _against(served, _served(other))
         rows.append(row)
         print(path.name, f"model TTFT {model['ttft']['mape']:.1%}",
               f"lockstep {model['scheduler']['matched']}/{model['scheduler']['steps']} steps",
-              f"noise {row['noise']['ttft']['mape']:.1%}", flush=True)
+              f"noise {row['noise']['ttft']['mape']:.1%}",
+              f"stretched {row['noise_stretched']['ttft']['mape']:.1%}", flush=True)
     same = []
     for a in sorted((args.runs / "same_instance").glob("serving_*_a.json")):
         b = a.with_name(a.name.replace("_a.json", "_b.json"))
@@ -115,7 +126,7 @@ def main() -> None:
                        "engine": served.engine, "timed_out": served.timed_out,
                        **lockstep(served, served.scheduler(config))})
     meta = {"command": "python bench/serving_floor.py --db " + str(args.db),
-            "noise_sd": NOISE, "seeds": list(SEEDS)}
+            "noise_sd": NOISE, "seeds": list(SEEDS), "stretch": STRETCH}
     args.out.write_text(json.dumps({"meta": meta, "runs": rows, "same_instance": same,
                                     "lockstep": locked}, indent=1))
     args.out.with_suffix(".md").write_text(_markdown(meta, rows, same, locked))
@@ -136,11 +147,15 @@ def _markdown(meta: dict, rows: list[dict], same: list[dict], locked: list[dict]
         "index lasted: its batches that are the engine's, and TTFT / TPOT MAPE; \"1% step "
         "noise\": the DB simulation against itself with "
         f"every step time × exp(N(0, {meta['noise_sd']})), median of {len(meta['seeds'])} "
-        "seeds; \"other instance\": the engine's run of the same workload on another machine "
-        "instance, compared with this run like a prediction", "",
+        "seeds; \"arrivals ×" + f"{meta['stretch']:g}" + " slower\": the same with the requests "
+        f"arriving {meta['stretch']:g} times slower, and the simulated engine's busy share of "
+        "the run (Σ step time / last finish) and its TTFT p50 there; \"other instance\": the "
+        "engine's run of the same workload on another machine instance, compared with this run "
+        "like a prediction", "",
         "| model | engine | DB model TTFT / TPOT (TTFT p50) | scheduler in lockstep | "
-        "1% step noise | other instance |",
-        "|---|---|---:|---:|---:|---:|"]
+        f"1% step noise | 1% step noise, arrivals ×{meta['stretch']:g} slower (busy, TTFT p50) | "
+        "other instance |",
+        "|---|---|---:|---:|---:|---:|---:|"]
 
     def cell(r: dict) -> str:
         return (f"{_pct(r['ttft']['mape'])} / {_pct(r['tpot']['mape'])} "
@@ -154,7 +169,9 @@ def _markdown(meta: dict, rows: list[dict], same: list[dict], locked: list[dict]
         other = cell(r["other_instance"]) if "other_instance" in r else "-"
         lines.append(f"| {r['model']} | {r['engine'].replace('|', chr(92) + '|')} | "
                      f"{cell(r['model_error'])} | {lock(r['scheduler'])} | "
-                     f"{cell(r['noise'])} | {other} |")
+                     f"{cell(r['noise'])} | {cell(r['noise_stretched'])} "
+                     f"({r['noise_stretched']['busy']:.0%}, "
+                     f"{r['noise_stretched']['ttft_p50_s'] * 1e3:.0f} ms) | {other} |")
     if same:
         lines += ["", "The engine against itself on one machine instance, back to back "
                   "(`serving/same_instance/`):", "",
