@@ -8,8 +8,11 @@ of the DB, groups those that differ only in their head counts (same impl, scalar
 head dim), and, at the sweep points two layouts share, compares each layout's latency with
 the group's reference layout (its most query heads) by quarter of the reference's latency:
 the median ratio, its spread, and how far it is from the ratio of query heads (what
-attention's work scales with) and of KV heads. Writes `bench/results/attention_heads.{json,md}`.
-CPU only.
+attention's work scales with) and of KV heads. Then, where a group has three layouts or more,
+each layout left out and predicted from the others at every point they all share (latency =
+a + b·query heads, or + c·KV heads, fitted per point over the other layouts): how well a
+layout never profiled could be had from profiled ones. Writes
+`bench/results/attention_heads.{json,md}`. CPU only.
 """
 
 from __future__ import annotations
@@ -25,6 +28,9 @@ import numpy as np
 from dooly_fx.db import LatencyDB
 
 QUARTERS = ("smallest", "second", "third", "largest")
+FORMS = {"a + b·Hq": lambda heads, kv: [1.0, heads],
+         "a + b·Hq + c·Hkv": lambda heads, kv: [1.0, heads, kv]}
+"""Per-point models of latency over the head layout, for the left-out layout's prediction."""
 
 
 def _layouts(db: LatencyDB, env: str) -> dict[tuple, dict[tuple[int, int], dict[str, float]]]:
@@ -58,6 +64,32 @@ def _compare(ref: dict[str, float], other: dict[str, float]) -> list[dict]:
                                   strict=True) if part.size]
 
 
+def _left_out(layouts: dict[tuple[int, int], dict[str, float]]) -> list[dict]:
+    """Each layout predicted from the others at the points every layout measured, with each
+    form of `FORMS` that the others determine: its absolute percentage errors."""
+    common = sorted(set.intersection(*(set(p) for p in layouts.values())))
+    out = []
+    for held in sorted(layouts, reverse=True):
+        others = [hk for hk in layouts if hk != held]
+        lo, hi = min(h for h, _ in others), max(h for h, _ in others)
+        for form, row in FORMS.items():
+            if len(others) < len(row(0, 0)):
+                continue
+            x = np.array([row(*hk) for hk in others])
+            y = np.array([[layouts[hk][p] for p in common] for hk in others])
+            coef = np.linalg.lstsq(x, y, rcond=None)[0]
+            pred = np.array(row(*held)) @ coef
+            meas = np.array([layouts[held][p] for p in common])
+            ape = np.abs(pred - meas) / meas
+            upper = meas >= np.median(meas)
+            out.append({"layout": list(held), "form": form, "points": len(common),
+                        "inside": lo <= held[0] <= hi, "mape": float(ape.mean()),
+                        "median_ape": float(np.median(ape)),
+                        "upper_half_mape": float(ape[upper].mean()),
+                        "max_ape": float(ape.max())})
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--db", type=Path, default=Path("bench/results/h100.db"))
@@ -66,10 +98,12 @@ def main() -> None:
     with LatencyDB.open(args.db, create=False, readonly=True) as db:
         env = db.environments()[-1]
         groups = _layouts(db, env["fingerprint"])
-    rows = []
+    rows, left_out = [], []
     for (scalars, phase, dim, dtype), layouts in sorted(groups.items()):
         if len(layouts) < 2:
             continue
+        if len(layouts) >= 3:
+            left_out += [{"phase": phase, "head_dim": dim, **r} for r in _left_out(layouts)]
         ref = max(layouts, key=lambda hk: (hk[0], hk[1]))
         for layout, points in sorted(layouts.items(), reverse=True):
             if layout == ref:
@@ -82,8 +116,8 @@ def main() -> None:
     if not rows:
         sys.exit(f"{args.db}: no two paged-attention signatures differ only in head counts")
     command = " ".join(["python", *sys.argv])
-    args.out.write_text(json.dumps({"command": command, "environment": env, "rows": rows},
-                                   indent=1) + "\n")
+    args.out.write_text(json.dumps({"command": command, "environment": env, "rows": rows,
+                                    "left_out": left_out}, indent=1) + "\n")
     lines = ["# Paged attention's latency against its head counts", "",
              f"- command: `{command}` (CPU, from the DB's measured points)",
              f"- environment: {env['device']}, torch {env.get('torch')}, transformers "
@@ -103,6 +137,17 @@ def main() -> None:
                      f"{r['reference'][0]}×{r['reference'][1]} | {r['query_heads_ratio']:.3f} | "
                      f"{r['kv_heads_ratio']:.3f} | "
                      + " | ".join(cells.get(q, "–") for q in QUARTERS) + " |")
+    if left_out:
+        lines += ["", "Each layout left out and predicted from the group's others, per point "
+                  "(the points every layout measured): inside = its query heads within the "
+                  "others' range; APE of the prediction, the upper half by its own latency", "",
+                  "| phase | head dim | layout | inside | form | points | MAPE | median APE | "
+                  "upper-half MAPE | max APE |", "|---|---:|---|---|---|---:|---:|---:|---:|---:|"]
+        for r in left_out:
+            lines.append(f"| {r['phase']} | {r['head_dim']} | {r['layout'][0]}×{r['layout'][1]}"
+                         f" | {'yes' if r['inside'] else 'no'} | {r['form']} | {r['points']} | "
+                         f"{r['mape']:.1%} | {r['median_ape']:.1%} | {r['upper_half_mape']:.1%} | "
+                         f"{r['max_ape']:.1%} |")
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
