@@ -104,7 +104,7 @@ def main() -> None:
             continue
         if len(layouts) >= 3:
             left_out += [{"phase": phase, "head_dim": dim, **r} for r in _left_out(layouts)]
-        ref = max(layouts, key=lambda hk: (hk[0], hk[1]))
+        ref = max(layouts)  # most query heads, then most KV heads
         for layout, points in sorted(layouts.items(), reverse=True):
             if layout == ref:
                 continue
