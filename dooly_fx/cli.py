@@ -460,8 +460,10 @@ def _parser() -> argparse.ArgumentParser:
 
     add_verbs(verbs)
     from dooly_fx.cli_serve import add_verbs as add_serve_verbs
+    from dooly_fx.cli_validate_serving import add_verbs as add_validate_serving_verbs
 
     add_serve_verbs(verbs)
+    add_validate_serving_verbs(verbs)
     return parser
 
 

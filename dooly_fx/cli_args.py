@@ -1,4 +1,5 @@
-"""Argument helpers shared by the CLI modules (`cli`, `cli_latency`, `cli_serve`)."""
+"""Argument helpers shared by the CLI modules (`cli`, `cli_latency`, `cli_serve`,
+`cli_validate_serving`)."""
 
 from __future__ import annotations
 

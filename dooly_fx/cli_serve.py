@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from dataclasses import asdict, replace
@@ -37,18 +36,41 @@ def _loaded(db: LatencyDB, args: argparse.Namespace):
     return env, loaded
 
 
-def _requests(args: argparse.Namespace) -> tuple[list, dict]:
-    """The workload's requests and a JSON description of it."""
+def _rates(text: str) -> list[float]:
+    """`--qps`: one rate or several, comma-separated (requests per second; inf: all at once)."""
+    rates = []
+    for item in text.split(","):
+        try:
+            qps = float(item)
+        except ValueError:
+            raise UserError(f"--qps {text}: {item!r} is not a rate in requests per second"
+                            ) from None
+        if not qps > 0:
+            raise UserError(f"--qps {text}: rates must be positive, got {item}")
+        rates.append(qps)
+    if len(set(rates)) != len(rates):
+        raise UserError(f"--qps {text}: a rate is given twice")
+    return rates
+
+
+def _requests(args: argparse.Namespace, qps: float | None = None) -> tuple[list, dict]:
+    """The workload's requests and a JSON description of it; synthetic at rate `qps`
+    (default: the one --qps gives)."""
     from dooly_fx.workload import LengthDist, read_trace, synthetic
 
     if args.trace:
         reqs = read_trace(args.trace, args.num_requests)
         return reqs, {"source": "trace", "trace": str(args.trace), "num_requests": len(reqs)}
+    if qps is None:
+        rates = _rates(args.qps)
+        if len(rates) > 1:
+            raise UserError(f"--qps {args.qps}: give one rate here (simulate sweeps several)")
+        qps = rates[0]
     n = args.num_requests or DEFAULT_SYNTHETIC_REQUESTS
-    reqs = synthetic(n, args.qps, args.arrival, args.cv, LengthDist.parse(args.prompt),
+    reqs = synthetic(n, qps, args.arrival, args.cv, LengthDist.parse(args.prompt),
                      LengthDist.parse(args.output), args.seed)
     return reqs, {"source": "synthetic", "num_requests": n,
-                  "qps": None if math.isinf(args.qps) else args.qps, "arrival": args.arrival,
+                  "qps": None if math.isinf(qps) else qps, "arrival": args.arrival,
                   "cv": args.cv, "prompt": args.prompt, "output": args.output, "seed": args.seed}
 
 
@@ -83,33 +105,47 @@ def cmd_simulate(args: argparse.Namespace) -> None:
     Step times come from the model's fitted units (FlatStepTime: token-wise units over the
     step's flattened tokens, attention per sequence). The KV cache is sized from the
     environment's GPU memory unless --num-blocks is given. Without --db, the shipped H100 DB.
+    Several rates (--qps 1,2,4,8) simulate the same requests arriving at each rate and, with
+    --slo, give the highest rate that meets every objective.
 
         python -m dooly_fx simulate llama-3.1-8b --trace splitwise_conv.csv --num-requests 300
         python -m dooly_fx simulate llama-3.1-8b --qps 4 --num-requests 500 \\
             --prompt uniform:128:1024 --output 128 --policy vllm --json run.json
         python -m dooly_fx simulate qwen2.5-7b --qps 8 --arrival gamma --cv 2 \\
             --chrome-trace run.trace.json --plot run.png
+        python -m dooly_fx simulate llama-3.1-8b --qps 1,2,4,8,16 --num-requests 500 \\
+            --slo ttft:p90:0.5 --slo tpot:p90:0.05 --plot sweep.png --json sweep.json
     """
+    from dooly_fx.capacity import Slo, check
     from dooly_fx.predict import FlatStepTime, at_host_speed
     from dooly_fx.simulate import simulate
 
-    reqs, workload = _requests(args)
+    slos = [Slo.parse(text) for text in args.slo or ()]
+    rates = _rates(args.qps) if args.qps else []
+    if len(rates) > 1 and args.chrome_trace:
+        raise UserError("--chrome-trace traces one simulation; give one --qps rate")
+    reqs, workload = _requests(args, rates[0] if rates else None)
     probe = host_probe_arg(args.host_probe)
     with _open_db(args.db) as db:
         env, loaded = _loaded(db, args)
         cfg, kv = _scheduler(args, db, env, loaded)
     loaded = at_host_speed(loaded, probe)
+    head = {"model": loaded.model, "device": env["device"], "environment": env["fingerprint"],
+            "engine": loaded.engine, "step_time": "FlatStepTime"}
+    if len(rates) > 1:
+        _sweep(args, rates, slos, loaded, cfg, {**head, "workload": workload, "kv_cache": kv,
+                                                 "host_probe_ms": loaded.probe_ms})
+        return
     step_time = FlatStepTime(loaded)
     started = time.perf_counter()
     with err.status(f"simulating {len(reqs)} requests"):
         result = simulate(reqs, step_time, cfg)
     wall = time.perf_counter() - started
     summary = result.summary()
-    payload = {**summary, "model": loaded.model, "device": env["device"],
-               "environment": env["fingerprint"], "engine": loaded.engine,
-               "step_time": "FlatStepTime", "workload": workload, "scheduler": asdict(cfg),
-               "kv_cache": kv, "wall_s": wall,
-               "host_probe_ms": loaded.probe_ms}
+    payload = {**summary, **head, "workload": workload, "scheduler": asdict(cfg),
+               "kv_cache": kv, "wall_s": wall, "host_probe_ms": loaded.probe_ms}
+    if slos:
+        payload["slo"] = check(summary, slos)
     _print_simulation(payload)
     if args.json:
         write_json(args.json, payload)
@@ -118,6 +154,89 @@ def cmd_simulate(args: argparse.Namespace) -> None:
         result.write_chrome_trace(args.chrome_trace)
     if args.plot:
         _plot(result, args.plot, f"{loaded.model} · {cfg.policy} · {env['device']}")
+
+
+def _sweep(args: argparse.Namespace, rates: list[float], slos: list, loaded, cfg,
+           head: dict) -> None:
+    """simulate at several rates (`head`: the payload's model, engine, workload and cache
+    keys): a table a rate, the highest rate within the SLOs, JSON and a plot of the
+    percentiles against the rate."""
+    from dooly_fx.capacity import load_sweep, max_rate
+    from dooly_fx.predict import FlatStepTime
+
+    if args.plot:
+        _writable(args.plot)
+    started = time.perf_counter()
+    with progress() as bar:
+        task = bar.add_task(f"simulating {len(rates)} rates", total=len(rates))
+        rows = load_sweep(rates, lambda qps: _requests(args, qps)[0],
+                          lambda: FlatStepTime(loaded), cfg, slos,
+                          on_done=lambda _: bar.advance(task))
+    best = max_rate(rows) if slos else None
+    payload = {**head, "workload": {**head["workload"], "qps": sorted(rates)},
+               "scheduler": asdict(cfg),
+               "wall_s": time.perf_counter() - started, "slo": [s.label for s in slos],
+               "max_qps_within_slo": best, "sweep": rows}
+    _print_sweep(payload)
+    if args.json:
+        write_json(args.json, payload)
+    if args.plot:
+        _plot_sweep(payload, slos, args.plot)
+
+
+def _print_sweep(p: dict) -> None:
+    table = Table(title=f"simulate · {p['model']} · {p['scheduler']['policy']} · {p['device']} · "
+                        f"{p['engine']} · {p['workload']['num_requests']} requests a rate",
+                  title_justify="left")
+    cols = ("qps", "completed", "TTFT p50 ms", "p90", "p99", "TPOT p50 ms", "p90", "E2E p90 ms",
+            "output tok/s", "preemptions") + (("SLO",) if p["slo"] else ())
+    for col in cols:
+        table.add_column(col, justify="right")
+    for r in p["sweep"]:
+        tp = r["throughput"]["output_tokens_per_s"]
+        table.add_row(f"{r['qps']:g}", f"{r['completed']}/{r['num_requests']}",
+                      *(_ms(r[m][k]) for m, k in (("ttft", "p50"), ("ttft", "p90"),
+                                                  ("ttft", "p99"), ("tpot", "p50"),
+                                                  ("tpot", "p90"), ("e2e", "p90"))),
+                      "-" if tp is None else f"{tp:,.0f}", str(r["preemptions"]),
+                      *(("yes" if r["slo"]["all"] else "no",) if p["slo"] else ()))
+    out.print(table)
+    if p["slo"]:
+        best = p["max_qps_within_slo"]
+        top = p["sweep"][-1]["qps"]
+        out.print(f"SLO: {'; '.join(p['slo'])} · highest rate within it: "
+                  + ("none of these" if best is None else f"{best:g} requests/s"
+                     + (" (the highest tried: try higher rates)" if best == top else "")))
+
+
+def _plot_sweep(p: dict, slos: list, path: str) -> None:
+    """PNG: TTFT and TPOT percentiles against the request rate, with the SLO bounds."""
+    plt, _ = _pyplot(path)
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), layout="constrained")
+    qps = [r["qps"] for r in p["sweep"]]
+    for ax, metric, name in ((axes[0], "ttft", "TTFT"), (axes[1], "tpot", "TPOT")):
+        for stat in ("p50", "p90", "p99"):
+            values = [r[metric][stat] for r in p["sweep"]]
+            ax.plot(qps, [float("nan") if v is None else v * 1e3 for v in values], marker="o",
+                    label=stat)
+        for slo in slos:
+            if slo.metric == metric:
+                ax.axhline(slo.seconds * 1e3, color="red", ls="--", lw=1,
+                           label=f"SLO: {slo.stat} {slo.seconds * 1e3:g} ms")
+        ax.set(xlabel="request rate (requests/s)", ylabel=f"{name} (ms)", title=name,
+               yscale="log")
+        if max(qps) / min(qps) >= 10:
+            ax.set_xscale("log")
+        ax.set_xticks(qps, [f"{q:g}" for q in qps])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{p['model']} · {p['scheduler']['policy']} · {p['device']}")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def _writable(path: str) -> None:
@@ -240,190 +359,6 @@ def cmd_export_vidur(args: argparse.Namespace) -> None:
                                "mapping": export.mapping, "not_exported": export.skipped})
 
 
-def _serving_engine(db: LatencyDB, model: str, env: dict, attn: str, dtype: str):
-    """The DB's profile of `model` for the continuous-batching engine: its own paged profile
-    where there is one, else the padded one (FlatStepTime approximates the flat step)."""
-    from dooly_fx.predict import load
-
-    for engine in ("paged", "padded"):
-        label = f"{engine}|{attn}|{dtype}"
-        if any(m["name"] == model and m["engine"] == label for m in db.models(env["fingerprint"])):
-            return load(db, model, env["fingerprint"], label)
-    return load(db, model, env["fingerprint"], f"paged|{attn}|{dtype}")  # its error lists engines
-
-
-def _serving_workload(args: argparse.Namespace) -> tuple[list, dict]:
-    """The workload of validate-serving: simulate's, clipped and sped up as asked."""
-    from dooly_fx.workload import Request
-
-    reqs, workload = _requests(args)
-    if args.speedup <= 0:
-        raise UserError(f"--speedup must be positive, got {args.speedup}")
-    reqs = [Request(r.id, r.arrival_s / args.speedup,
-                    min(r.prompt_tokens, args.max_prompt or r.prompt_tokens),
-                    min(r.output_tokens, args.max_output or r.output_tokens)) for r in reqs]
-    start = reqs[0].arrival_s if reqs else 0.0
-    reqs = [replace(r, arrival_s=r.arrival_s - start) for r in reqs]
-    workload.update(speedup=args.speedup, max_prompt=args.max_prompt, max_output=args.max_output)
-    return reqs, workload
-
-
-def cmd_validate_serving(args: argparse.Namespace) -> None:
-    """Serve a workload on transformers' continuous-batching engine (random weights, paged
-    attention, requests submitted at their arrival times) and compare each request's TTFT and
-    TPOT with the simulator's prediction of the same requests under the same engine settings
-    (MAPE over requests, error of p50 and p90). Every engine step is recorded too, so the
-    step-time model is also checked on the engine's real batches. --measured re-compares a
-    saved run without a GPU.
-
-        python -m dooly_fx validate-serving llama-3.2-1b --trace splitwise_conv.csv \\
-            --num-requests 200 --max-prompt 2048 --max-output 256 --json serve.json
-        python -m dooly_fx validate-serving qwen2.5-7b --attn eager --qps 4 --num-requests 100
-        python -m dooly_fx validate-serving llama-3.2-1b --measured serve.json --db h100.db
-    """
-    from dooly_fx.cli_latency import _environment, model_name, model_spec
-    from dooly_fx.engine import EngineProfile
-    from dooly_fx.predict import FlatStepTime, at_host_speed
-    from dooly_fx.validate_serving import Served, compare, serve
-
-    with _open_db(args.db) as db:
-        env = _environment(db, "cuda" if args.device == "cuda" else "cpu")
-        name = model_name(db, args.model)
-        loaded = _serving_engine(db, name, env, args.attn, args.dtype)
-    if args.measured:
-        try:
-            old = json.loads(Path(args.measured).read_text())
-            served = Served.from_json(old["measured"])
-        except (OSError, ValueError, KeyError, TypeError, UserError) as exc:
-            raise UserError(f"{args.measured}: not a validate-serving JSON ({exc})") from None
-        workload = old.get("workload", {})
-    else:
-        if args.trace is None and args.qps is None:
-            raise UserError("give a workload: --trace CSV or --qps X (or --measured FILE)")
-        reqs, workload = _serving_workload(args)
-        spec = model_spec(args.model, name, loaded.config, f"{args.db or SHIPPED_DB}: {name}")
-        engine = EngineProfile(engine="paged", attn_impl=args.attn, dtype=args.dtype)
-        device = "cuda" if args.device == "cuda" else "cpu"
-        with progress() as bar:
-            task = bar.add_task(f"serving {len(reqs)} requests · {spec.name} · paged|{args.attn}",
-                                total=len(reqs))
-            served = serve(spec, engine, reqs, device, num_blocks=args.num_blocks,
-                           max_batch_tokens=args.max_batch_tokens, max_seqs=args.max_seqs,
-                           block_size=args.block_size, time_limit_s=args.time_limit,
-                           collect_garbage=args.gc == "on",
-                           on_done=lambda n: bar.update(task, completed=n))
-    st = served.settings
-    at_host = at_host_speed(loaded, served.host_probe_ms)
-    sched = served.scheduler(loaded.config)
-    report, result = compare(served, lambda: FlatStepTime(at_host), sched)
-    host = {"run_probe_ms": served.host_probe_ms, "db_probe_ms": loaded.host_probe_ms,
-            "elasticity": loaded.host_elasticity, "host_scale": at_host.host_scale,
-            "probes": sum(s.host_probe_ms is not None for s in served.steps)}
-    if at_host is not loaded:  # also at the DB's own host speed, to show what it changes
-        at_db, _ = compare(served, lambda: FlatStepTime(loaded), sched)
-        host["at_db_speed"] = {"ttft_mape": at_db["ttft"]["mape"],
-                               "tpot_mape": at_db["tpot"]["mape"],
-                               "step_mape": at_db["steps"].get("mape")}
-    payload = {"model": name, "device": env["device"], "environment": env["fingerprint"],
-               "engine": served.engine, "predicted_from": loaded.engine,
-               "measured_on": served.machine, "workload": workload, "settings": st,
-               "timed_out": served.timed_out, "wall_s": served.wall_s, **report,
-               "host_speed": host, "simulated": result.summary(),
-               "measured": served.to_json()}
-    _print_serving(payload)
-    if args.json:
-        write_json(args.json, payload)
-    if args.plot:
-        _plot_serving(payload, args.plot)
-
-
-def _pct(x: float | None, signed: bool = False) -> str:
-    if x is None:
-        return "-"
-    return f"{x:+.1%}" if signed else f"{x:.1%}"
-
-
-def _print_serving(p: dict) -> None:
-    table = Table(title=f"validate-serving · {p['model']} · {p['engine']} · "
-                        f"{p['measured_on'].get('device', '?')} · predicted from "
-                        f"{p['predicted_from']}", title_justify="left")
-    for col in ("metric", "requests", "measured p50 ms", "simulated p50 ms", "p50 error",
-                "measured p90 ms", "simulated p90 ms", "p90 error", "MAPE"):
-        table.add_column(col, justify="left" if col == "metric" else "right")
-    for key, label in (("ttft", "TTFT"), ("tpot", "TPOT")):
-        m = p[key]
-        if m["measured"] is None:
-            table.add_row(label, "0", *["-"] * 7)
-            continue
-        table.add_row(label, str(m["requests"]), _ms(m["measured"]["p50"]),
-                      _ms(m["simulated"]["p50"]), _pct(m["p50_error"], True),
-                      _ms(m["measured"]["p90"]), _ms(m["simulated"]["p90"]),
-                      _pct(m["p90_error"], True), _pct(m["mape"]))
-    out.print(table)
-    s = p["steps"]
-    if s.get("steps"):
-        ms = s["measured_ms"]
-        out.print(f"engine steps: {s['steps']} measured ({p['simulated_steps']} simulated) · "
-                  f"mean {ms['mean']:.2f} ms = prepare {ms['prepare']:.2f} + forward "
-                  f"{ms['forward']:.2f} + update {ms['update']:.2f} · predicted mean "
-                  f"{s['predicted_ms']['mean']:.2f} ms · step MAPE {_pct(s['mape'])} "
-                  f"(bias {_pct(s['bias'], True)})")
-        for k in s.get("by_kind", []):
-            out.print(f"  {k['kind']}: {k['steps']} steps, measured {k['measured_ms']:.1f} ms, "
-                      f"predicted {k['predicted_ms']:.1f} ms (MAPE {_pct(k['mape'])})")
-        if ms.get("attention_host") is not None:
-            out.print(f"attention calls on the host per forward: mean "
-                      f"{ms['attention_host']:.2f} ms, median {ms['attention_host_median']:.2f} "
-                      "ms (new shapes' setup: the shape_build units)")
-        if ms.get("gc") is not None:
-            out.print(f"garbage-collector pauses per step: mean {ms['gc']:.2f} ms, longest "
-                      f"{ms['gc_max']:.1f} ms")
-    lock = p.get("scheduler") or {}
-    if lock.get("steps"):
-        first = lock["first_mismatch"]
-        out.print(f"scheduler in lockstep (each step as long as the engine's): "
-                  f"{lock['matched']}/{lock['steps']} batches as the engine formed them"
-                  + ("" if first is None else f", the first different at step {first}")
-                  + f" · TTFT / TPOT MAPE {_pct(lock['ttft_mape'])} / "
-                  f"{_pct(lock['tpot_mape'])}")
-    out.print(f"{p['finished']}/{p['requests']} requests finished in {p['wall_s']:.1f} s"
-              + (" (time limit reached)" if p["timed_out"] else ""))
-    host = p["host_speed"]
-    if host["run_probe_ms"] is not None and host["db_probe_ms"]:
-        db = host.get("at_db_speed", {})
-        out.print(f"predicted at the run's host speed: probe {host['run_probe_ms']:.3f} ms "
-                  f"(from {host['probes']} probes) vs the DB's {host['db_probe_ms']:.3f} ms, "
-                  f"host-side times ×{host['host_scale']:.2f}; at the DB's speed TTFT / TPOT "
-                  f"MAPE {_pct(db.get('ttft_mape'))} / {_pct(db.get('tpot_mape'))}")
-    alloc = p["measured"].get("allocator")
-    if alloc:
-        out.print(f"CUDA allocator during the run: {alloc['device_mallocs']} device mallocs, "
-                  f"{alloc['device_frees']} frees, {alloc['alloc_retries']} retries "
-                  "(each free or retry synchronises the device)")
-
-
-def _plot_serving(p: dict, path: str) -> None:
-    """PNG: measured vs simulated TTFT and TPOT per request, and their CDFs."""
-    plt, np = _pyplot(path)
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
-    rows = p["per_request"]
-    for ax, key, name in ((axes[0], "ttft", "TTFT"), (axes[1], "tpot", "TPOT")):
-        pairs = [(r[key], r[f"sim_{key}"]) for r in rows
-                 if r[key] is not None and r[f"sim_{key}"] is not None]
-        for values, label in ((sorted(m for m, _ in pairs), "measured"),
-                              (sorted(s for _, s in pairs), "simulated")):
-            x = np.asarray(values) * 1e3
-            ax.plot(x, np.arange(1, x.size + 1) / max(x.size, 1), label=label)
-        ax.set(xlabel=f"{name} (ms)", ylabel="fraction of requests",
-               title=f"{name} CDF · MAPE {_pct(p[key]['mape'])}")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(f"{p['model']} · {p['engine']} · {p['measured_on'].get('device', '?')}")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -439,8 +374,9 @@ def _workload_args(parser: argparse.ArgumentParser, required: bool) -> None:
     source = work.add_mutually_exclusive_group(required=required)
     source.add_argument("--trace", metavar="CSV",
                         help="arrived_at,num_prefill_tokens,num_decode_tokens per request")
-    source.add_argument("--qps", type=float, metavar="X",
-                        help="synthetic arrivals at this mean rate (inf: all at once)")
+    source.add_argument("--qps", metavar="X[,X...]",
+                        help="synthetic arrivals at this mean rate (inf: all at once); "
+                             "simulate takes several, comma-separated, and sweeps them")
     work.add_argument("--num-requests", type=_positive_int, metavar="N",
                       help=f"first N trace rows; synthetic: N requests "
                            f"(default {DEFAULT_SYNTHETIC_REQUESTS})")
@@ -475,38 +411,12 @@ def add_verbs(verbs) -> None:
                        help="KV-cache blocks (default: sized from GPU memory)")
     sched.add_argument("--gpu-memory-fraction", type=float, default=0.9, metavar="F",
                        help="share of GPU memory for weights + KV cache (default 0.9)")
+    sim.add_argument("--slo", action="append", metavar="METRIC:STAT:SECONDS",
+                     help="latency objective, e.g. ttft:p90:0.5 (repeatable; metric ttft, tpot, "
+                          "e2e or queueing; stat p50, p90, p99, mean or max)")
     sim.add_argument("--json", metavar="FILE", help="write the summary as JSON")
     sim.add_argument("--chrome-trace", metavar="FILE", help="write a Chrome/Perfetto trace")
     sim.add_argument("--plot", metavar="PNG", help="plot TTFT/TPOT CDFs and KV usage")
-
-    val = add_verb(verbs, "validate-serving", cmd_validate_serving,
-                   "serve a workload on the real engine and compare with simulate")
-    val.add_argument("model", metavar="MODEL")
-    val.add_argument("--db", metavar="FILE", help="latency DB (default: the shipped H100 DB)")
-    val.add_argument("--device", default="cuda", choices=("cpu", "cuda"))
-    val.add_argument("--attn", default="sdpa", choices=("sdpa", "eager"),
-                     help="the engine's paged|<attn> attention (default sdpa)")
-    val.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
-    _workload_args(val, required=False)
-    val.add_argument("--speedup", type=float, default=1.0, metavar="F",
-                     help="divide arrival times by F (default 1)")
-    val.add_argument("--max-prompt", type=_positive_int, metavar="N", help="clip prompts to N")
-    val.add_argument("--max-output", type=_positive_int, metavar="N", help="clip outputs to N")
-    eng = val.add_argument_group("engine (default: as transformers sizes it)")
-    eng.add_argument("--max-batch-tokens", type=_positive_int, metavar="N")
-    eng.add_argument("--max-seqs", type=_positive_int, metavar="N")
-    eng.add_argument("--block-size", type=_positive_int, metavar="N",
-                     help="default: transformers' (256)")
-    eng.add_argument("--num-blocks", type=_positive_int, metavar="N")
-    eng.add_argument("--gc", default="on", choices=("on", "off"),
-                     help="Python's garbage collector while serving (default on, as the engine "
-                          "runs; off separates its pauses from the engine's work)")
-    val.add_argument("--time-limit", type=float, default=600.0, metavar="S",
-                     help="stop serving S seconds after the last arrival (default 600)")
-    val.add_argument("--measured", metavar="FILE",
-                     help="re-compare the measurement of a saved validate-serving JSON")
-    val.add_argument("--json", metavar="FILE", help="write the report and measurement as JSON")
-    val.add_argument("--plot", metavar="PNG", help="plot measured and simulated CDFs")
 
     vid = add_verb(verbs, "export-vidur", cmd_export_vidur,
                    "write Vidur's mlp.csv and attention.csv")

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dooly_fx.capacity import Slo, check, max_rate
 from dooly_fx.cli import main
 from dooly_fx.db import SHIPPED_DB, LatencyDB
 from dooly_fx.errors import UserError
@@ -23,6 +24,7 @@ from dooly_fx.serving import (
 )
 from dooly_fx.validate_serving import PROBE_EVERY, Served, lockstep
 from dooly_fx.vidur import attention_header, num_tokens_grid
+from dooly_fx.workload import LengthDist, synthetic
 
 from tiny import tiny_spec
 
@@ -112,6 +114,64 @@ def test_simulate_at_another_host_speed(tmp_path, capsys):
     assert runs["slow"]["tpot"]["p50"] > 1.5 * runs["fast"]["tpot"]["p50"]
     line = _one_line_error(capsys, "simulate", "llama-3.2-1b", "--qps", "1", "--host-probe", "-1")
     assert "--host-probe" in line
+
+
+def test_synthetic_rates_scale_the_same_requests():
+    """A sweep's rates share their requests: the same lengths, arrivals scaled by the rate."""
+    slow = synthetic(50, 2.0, prompt=LengthDist.uniform(16, 512), output=LengthDist.fixed(8))
+    fast = synthetic(50, 8.0, prompt=LengthDist.uniform(16, 512), output=LengthDist.fixed(8))
+    assert [r.prompt_tokens for r in slow] == [r.prompt_tokens for r in fast]
+    assert [r.arrival_s for r in fast] == pytest.approx([r.arrival_s / 4 for r in slow])
+
+
+def test_slo_parse_check_and_highest_rate():
+    slo = Slo.parse("ttft:p90:0.5")
+    assert (slo.metric, slo.stat, slo.seconds, slo.label) == ("ttft", "p90", 0.5,
+                                                             "ttft p90 <= 500 ms")
+    summary = {"ttft": {"p90": 0.5}, "tpot": {"p90": None}, "rejected": 0}
+    assert check(summary, [slo]) == {"met": {"ttft p90 <= 500 ms": True}, "all": True}
+    assert not Slo.parse("tpot:p90:1").met(summary)  # no request completed: not met
+    assert not check({**summary, "rejected": 1}, [slo])["all"]
+    rows = [{"qps": q, "slo": {"all": ok}} for q, ok in ((1, True), (2, True), (4, False),
+                                                          (8, True))]
+    assert max_rate(rows) == 2  # 8 meets again, but a rate below it does not
+    assert max_rate(rows[2:]) is None
+    for bad in ("ttft:p90", "ttfb:p90:1", "ttft:p95:1", "ttft:p90:x", "ttft:p90:0"):
+        with pytest.raises(UserError, match="--slo"):
+            Slo.parse(bad)
+
+
+def test_simulate_sweeps_rates_against_slos(tmp_path, capsys):
+    path, png = tmp_path / "sweep.json", tmp_path / "sweep.png"
+    code, out, _ = _cli(capsys, "simulate", "llama-3.2-1b", "--engine", "paged",
+                        "--qps", "64,2,8", "--num-requests", "40", "--prompt", "uniform:128:1024",
+                        "--output", "32", "--slo", "ttft:p90:0.2", "--slo", "tpot:p90:10",
+                        "--json", str(path), "--plot", str(png))
+    assert code == 0 and "highest rate within it" in out
+    run = json.loads(path.read_text())
+    rows = run["sweep"]
+    assert [r["qps"] for r in rows] == [2, 8, 64] and run["workload"]["qps"] == [2, 8, 64]
+    assert all(r["num_requests"] == r["completed"] == 40 for r in rows)
+    assert run["slo"] == ["ttft p90 <= 200 ms", "tpot p90 <= 10000 ms"]
+    for r in rows:
+        assert r["slo"]["met"]["ttft p90 <= 200 ms"] == (r["ttft"]["p90"] <= 0.2)
+        assert r["slo"]["met"]["tpot p90 <= 10000 ms"]
+    # The shipped DB's 1B paged steps: TTFT p90 ~0.15-0.16 s at 2 and 8 requests/s, ~0.24 s
+    # at 64.
+    assert [r["slo"]["all"] for r in rows] == [True, True, False]
+    assert run["max_qps_within_slo"] == max_rate(rows) == 8
+    assert rows[0]["ttft"]["p90"] <= rows[-1]["ttft"]["p90"]  # the same requests, faster
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # One rate with an SLO: the plain summary, checked.
+    code, _, _ = _cli(capsys, "simulate", "llama-3.2-1b", "--qps", "2", "--num-requests", "5",
+                      "--slo", "e2e:max:0.000001", "--json", str(path))
+    one = json.loads(path.read_text())
+    assert code == 0 and "sweep" not in one and one["slo"]["all"] is False
+    line = _one_line_error(capsys, "simulate", "llama-3.2-1b", "--qps", "1,2",
+                           "--chrome-trace", str(tmp_path / "t.json"))
+    assert "--chrome-trace" in line
+    assert "given twice" in _one_line_error(capsys, "simulate", "llama-3.2-1b", "--qps", "1,1")
+    assert "not a rate" in _one_line_error(capsys, "simulate", "llama-3.2-1b", "--qps", "fast")
 
 
 def test_request_longer_than_the_cache_is_rejected_not_hung(capsys, tmp_path):
