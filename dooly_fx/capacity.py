@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from dooly_fx.errors import UserError
+from dooly_fx.errors import UserError, positive_number
 
 METRICS = ("ttft", "tpot", "e2e", "queueing")
 STATS = ("p50", "p90", "p99", "mean", "max")
@@ -42,13 +42,7 @@ class Slo:
             raise UserError(f"--slo {text!r}: metric must be one of {', '.join(METRICS)}")
         if stat not in STATS:
             raise UserError(f"--slo {text!r}: statistic must be one of {', '.join(STATS)}")
-        try:
-            seconds = float(bound)
-        except ValueError:
-            raise UserError(f"--slo {text!r}: {bound!r} is not a number of seconds") from None
-        if not seconds > 0:
-            raise UserError(f"--slo {text!r}: the bound must be positive seconds")
-        return cls(metric, stat, seconds)
+        return cls(metric, stat, positive_number(bound, f"--slo {text!r}", "a positive time in s"))
 
     @property
     def label(self) -> str:

@@ -7,7 +7,7 @@ import argparse
 from collections.abc import Callable
 
 from dooly_fx.engine import ATTN_IMPLS, ENGINES
-from dooly_fx.errors import UserError
+from dooly_fx.errors import positive_number
 
 
 def add_verb(verbs, name: str, func: Callable[[argparse.Namespace], None],
@@ -48,10 +48,4 @@ def host_probe_arg(text: str | None) -> float | None:
         return None
     if text == "here":
         return host_probe_ms(21)
-    try:
-        value = float(text)
-    except ValueError:
-        raise UserError(f"--host-probe: {text!r} is neither a time in ms nor 'here'") from None
-    if not value > 0:
-        raise UserError(f"--host-probe: {text} ms; give a positive time")
-    return value
+    return positive_number(text, "--host-probe", "a positive time in ms, nor 'here'")

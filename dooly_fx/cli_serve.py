@@ -12,7 +12,7 @@ from rich.table import Table
 
 from dooly_fx.cli_args import add_verb, engine_args, host_probe_arg, host_probe_option
 from dooly_fx.db import SHIPPED_DB, LatencyDB
-from dooly_fx.errors import UserError
+from dooly_fx.errors import UserError, positive_number
 from dooly_fx.ui import err, out, progress, write_json
 
 PRESET_NAMES = ("transformers", "transformers-prefill-first", "vllm")
@@ -38,16 +38,8 @@ def _loaded(db: LatencyDB, args: argparse.Namespace):
 
 def _rates(text: str) -> list[float]:
     """`--qps`: one rate or several, comma-separated (requests per second; inf: all at once)."""
-    rates = []
-    for item in text.split(","):
-        try:
-            qps = float(item)
-        except ValueError:
-            raise UserError(f"--qps {text}: {item!r} is not a rate in requests per second"
-                            ) from None
-        if not qps > 0:
-            raise UserError(f"--qps {text}: rates must be positive, got {item}")
-        rates.append(qps)
+    rates = [positive_number(item, f"--qps {text}", "a positive rate in requests per second")
+             for item in text.split(",")]
     if len(set(rates)) != len(rates):
         raise UserError(f"--qps {text}: a rate is given twice")
     return rates

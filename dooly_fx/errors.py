@@ -13,3 +13,14 @@ class StageError(UserError):
     def __init__(self, stage: str, model: str, reason: str) -> None:
         self.stage = stage
         super().__init__(f"{model}: {stage} failed: {reason}")
+
+
+def positive_number(text: str, context: str, what: str) -> float:
+    """`text` as a positive number (`inf` too), or a UserError `context: 'text' is not what`."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise UserError(f"{context}: {text!r} is not {what}")
+    return value

@@ -171,7 +171,8 @@ def test_simulate_sweeps_rates_against_slos(tmp_path, capsys):
                            "--chrome-trace", str(tmp_path / "t.json"))
     assert "--chrome-trace" in line
     assert "given twice" in _one_line_error(capsys, "simulate", "llama-3.2-1b", "--qps", "1,1")
-    assert "not a rate" in _one_line_error(capsys, "simulate", "llama-3.2-1b", "--qps", "fast")
+    assert "not a positive rate" in _one_line_error(capsys, "simulate", "llama-3.2-1b", "--qps",
+                                                    "fast")
 
 
 def test_request_longer_than_the_cache_is_rejected_not_hung(capsys, tmp_path):
