@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
+from dooly_fx.db import SHIPPED_DB, LatencyDB
 from dooly_fx.engine import ATTN_IMPLS, ENGINES
 from dooly_fx.errors import positive_number
 
@@ -18,6 +19,18 @@ def add_verb(verbs, name: str, func: Callable[[argparse.Namespace], None],
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     verb.set_defaults(func=func)
     return verb
+
+
+def open_db(path: str | None) -> LatencyDB:
+    """The DB at `path`, or the DB shipped with the package (read-only)."""
+    if path is None:
+        return LatencyDB.open(SHIPPED_DB, create=False, readonly=True)
+    return LatencyDB.open(path, create=False)
+
+
+def db_option(parser: argparse.ArgumentParser) -> None:
+    """`--db FILE` on a verb that only reads a DB: without it, the shipped one (`open_db`)."""
+    parser.add_argument("--db", metavar="FILE", help="latency DB (default: the shipped H100 DB)")
 
 
 def engine_args(parser: argparse.ArgumentParser) -> None:

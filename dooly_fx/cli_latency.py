@@ -8,7 +8,14 @@ from pathlib import Path
 
 from rich.table import Table
 
-from dooly_fx.cli_args import add_verb, engine_args, host_probe_arg, host_probe_option
+from dooly_fx.cli_args import (
+    add_verb,
+    db_option,
+    engine_args,
+    host_probe_arg,
+    host_probe_option,
+    open_db,
+)
 from dooly_fx.db import LatencyDB
 from dooly_fx.engine import EngineProfile
 from dooly_fx.errors import UserError
@@ -127,7 +134,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
     batch = parse_batch(args.batch)
     probe = host_probe_arg(args.host_probe)
-    with LatencyDB.open(args.db, create=False) as db:
+    with open_db(args.db) as db:
         name = model_name(db, args.model)
         env = _environment(db, args.device)
         loaded = at_host_speed(load(db, name, env["fingerprint"], _engine(args).label), probe)
@@ -193,7 +200,7 @@ def cmd_validate_steps(args: argparse.Namespace) -> None:
     )
 
     engine = _engine(args)
-    with LatencyDB.open(args.db, create=False) as db:
+    with open_db(args.db) as db:
         env = _environment(db, args.device)
         name = model_name(db, args.model)
         loaded = load(db, name, env["fingerprint"], engine.label)
@@ -295,7 +302,7 @@ def cmd_coverage(args: argparse.Namespace) -> None:
 
     engine = _engine(args)
     payload = []
-    with LatencyDB.open(args.db, create=False) as db:
+    with open_db(args.db) as db:
         env = _environment(db, args.device)
         for ref in args.models:
             name = model_name(db, ref)
@@ -337,7 +344,7 @@ def add_verbs(verbs) -> None:
     cov = add_verb(verbs, "coverage", cmd_coverage,
                    "per-unit coverage and fit quality of models")
     cov.add_argument("models", nargs="+", metavar="MODEL")
-    cov.add_argument("--db", required=True, metavar="FILE")
+    db_option(cov)
     cov.add_argument("--device", default="cuda", choices=("cpu", "cuda"))
     engine_args(cov)
     cov.add_argument("--html", metavar="DIR", help="write plots and an index.html per model")
@@ -348,7 +355,7 @@ def add_verbs(verbs) -> None:
             ("validate-steps", cmd_validate_steps, "time real steps and compare with predict")):
         verb = add_verb(verbs, name, func, text)
         verb.add_argument("model", metavar="MODEL")
-        verb.add_argument("--db", required=True, metavar="FILE")
+        db_option(verb)
         verb.add_argument("--device", default="cuda", choices=("cpu", "cuda"),
                           help="which of the DB's environments (and where to measure)")
         engine_args(verb)

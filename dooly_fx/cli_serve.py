@@ -10,20 +10,20 @@ from pathlib import Path
 
 from rich.table import Table
 
-from dooly_fx.cli_args import add_verb, engine_args, host_probe_arg, host_probe_option
-from dooly_fx.db import SHIPPED_DB, LatencyDB
+from dooly_fx.cli_args import (
+    add_verb,
+    db_option,
+    engine_args,
+    host_probe_arg,
+    host_probe_option,
+    open_db,
+)
+from dooly_fx.db import LatencyDB
 from dooly_fx.errors import UserError, positive_number
 from dooly_fx.ui import err, out, progress, write_json
 
 PRESET_NAMES = ("transformers", "transformers-prefill-first", "vllm")
 DEFAULT_SYNTHETIC_REQUESTS = 1000
-
-
-def _open_db(path: str | None) -> LatencyDB:
-    """The DB at `path`, or the DB shipped with the package (read-only)."""
-    if path is None:
-        return LatencyDB.open(SHIPPED_DB, create=False, readonly=True)
-    return LatencyDB.open(path, create=False)
 
 
 def _loaded(db: LatencyDB, args: argparse.Namespace):
@@ -118,7 +118,7 @@ def cmd_simulate(args: argparse.Namespace) -> None:
         raise UserError("--chrome-trace traces one simulation; give one --qps rate")
     reqs, workload = _requests(args, rates[0] if rates else None)
     probe = host_probe_arg(args.host_probe)
-    with _open_db(args.db) as db:
+    with open_db(args.db) as db:
         env, loaded = _loaded(db, args)
         cfg, kv = _scheduler(args, db, env, loaded)
     loaded = at_host_speed(loaded, probe)
@@ -319,7 +319,7 @@ def cmd_export_vidur(args: argparse.Namespace) -> None:
     """
     from dooly_fx.vidur import MLP_OPS, export_vidur
 
-    with _open_db(args.db) as db:
+    with open_db(args.db) as db:
         env, loaded = _loaded(db, args)
     export = export_vidur(loaded, args.max_tokens, args.max_batch_size, args.block_size)
     mlp_path, attn_path = export.write(args.out)
@@ -387,7 +387,7 @@ def add_verbs(verbs) -> None:
     sim = add_verb(verbs, "simulate", cmd_simulate,
                    "simulate serving a workload with predicted steps")
     sim.add_argument("model", metavar="MODEL")
-    sim.add_argument("--db", metavar="FILE", help="latency DB (default: the shipped H100 DB)")
+    db_option(sim)
     sim.add_argument("--device", default="cuda", choices=("cpu", "cuda"),
                      help="which of the DB's environments to predict for")
     engine_args(sim)
@@ -413,7 +413,7 @@ def add_verbs(verbs) -> None:
     vid = add_verb(verbs, "export-vidur", cmd_export_vidur,
                    "write Vidur's mlp.csv and attention.csv")
     vid.add_argument("model", metavar="MODEL")
-    vid.add_argument("--db", metavar="FILE", help="latency DB (default: the shipped H100 DB)")
+    db_option(vid)
     vid.add_argument("--device", default="cuda", choices=("cpu", "cuda"))
     engine_args(vid)
     vid.add_argument("--out", required=True, metavar="DIR", help="folder for the two CSVs")

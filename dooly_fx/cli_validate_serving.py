@@ -10,10 +10,9 @@ from pathlib import Path
 
 from rich.table import Table
 
-from dooly_fx.cli_args import add_verb
+from dooly_fx.cli_args import add_verb, db_option, open_db
 from dooly_fx.cli_serve import (
     _ms,
-    _open_db,
     _positive_int,
     _pyplot,
     _requests,
@@ -70,7 +69,7 @@ def cmd_validate_serving(args: argparse.Namespace) -> None:
     from dooly_fx.predict import FlatStepTime, at_host_speed
     from dooly_fx.validate_serving import Served, compare, serve
 
-    with _open_db(args.db) as db:
+    with open_db(args.db) as db:
         env = _environment(db, "cuda" if args.device == "cuda" else "cpu")
         name = model_name(db, args.model)
         loaded = _serving_engine(db, name, env, args.attn, args.dtype)
@@ -214,7 +213,7 @@ def add_verbs(verbs) -> None:
     val = add_verb(verbs, "validate-serving", cmd_validate_serving,
                    "serve a workload on the real engine and compare with simulate")
     val.add_argument("model", metavar="MODEL")
-    val.add_argument("--db", metavar="FILE", help="latency DB (default: the shipped H100 DB)")
+    db_option(val)
     val.add_argument("--device", default="cuda", choices=("cpu", "cuda"))
     val.add_argument("--attn", default="sdpa", choices=("sdpa", "eager"),
                      help="the engine's paged|<attn> attention (default sdpa)")

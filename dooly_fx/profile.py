@@ -329,7 +329,8 @@ def plan(db: LatencyDB, coll: Collection, env: Env, bounds: Bounds,
         "missing_sustained": len(unsustained),
         "estimated_seconds_dedup": round(dedup, 1),
         "estimated_seconds_per_model": round(baseline, 1),
-        "saving": round(1 - dedup / baseline, 4) if baseline else 0.0,
+        # Never above the per-model sum; max() keeps float noise from printing as -0.0%.
+        "saving": max(0.0, round(1 - dedup / baseline, 4)) if baseline else 0.0,
     }
 
 
@@ -374,7 +375,7 @@ def savings(db: LatencyDB, env: str, engine: str, models: Sequence[str] | None =
         row["device_seconds_alone"] += spent.get(sig, 0.0) * owners[sig]
     return {"environment": env, "models": per_model, "unique_signatures": len(union),
             "device_seconds_dedup": dedup, "device_seconds_per_model": alone,
-            "saving": 1 - dedup / alone if alone else 0.0,
+            "saving": max(0.0, 1 - dedup / alone) if alone else 0.0,
             "by_kind": dict(sorted(by_kind.items(),
                                    key=lambda kv: -kv[1]["device_seconds_dedup"]))}
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 import signal
 import subprocess
 import sys
@@ -64,6 +66,18 @@ def test_plan_counts_and_dedup_saving(tmp_path):
     assert llama["missing_points"] == llama["points"] and llama["covered_points"] == 0
     assert report["unique_points"] < llama["points"] + mistral["points"]
     assert 0.3 < report["saving"] < 0.5
+
+
+def test_plan_of_one_model_saves_nothing_not_minus_zero(tmp_path):
+    """Regression: one model's dedup and per-model seconds, summed in different orders, came
+    out a rounding error apart, and plan printed a saving of -0.0%."""
+    out = tmp_path / "plan.json"
+    result = _cli("plan", "llama-3.1-8b", "--db", str(tmp_path / "lat.db"), "--device", "cpu",
+                  "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"saving\s+0\.0%", result.stdout) and "-0.0%" not in result.stdout
+    saving = json.loads(out.read_text())["saving"]
+    assert saving == 0.0 and math.copysign(1.0, saving) == 1.0
 
 
 def test_profile_cli_then_nothing_left(tmp_path):

@@ -175,6 +175,19 @@ def test_simulate_sweeps_rates_against_slos(tmp_path, capsys):
                                                     "fast")
 
 
+def test_predict_and_coverage_default_to_the_shipped_db(tmp_path, capsys):
+    """Verbs that only read a DB use the shipped one without --db, as simulate does."""
+    step, cov = tmp_path / "step.json", tmp_path / "coverage.json"
+    code, _, _ = _cli(capsys, "predict", "llama-3.1-8b", "--batch", "decode:4x512",
+                      "--json", str(step))
+    assert code == 0 and json.loads(step.read_text())["environment"] == H100_ENV
+    assert json.loads(step.read_text())["total_ms"] > 0
+    code, out, _ = _cli(capsys, "coverage", "llama-3.2-1b", "--json", str(cov))
+    report = json.loads(cov.read_text())
+    assert code == 0 and report["environment"] == H100_ENV
+    assert "17/17 unit signatures covered" in out
+
+
 def test_request_longer_than_the_cache_is_rejected_not_hung(capsys, tmp_path):
     path = tmp_path / "run.json"
     code, _, _ = _cli(capsys, "simulate", "llama-3.1-8b", "--qps", "inf", "--num-requests", "5",
