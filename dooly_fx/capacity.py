@@ -71,8 +71,8 @@ def load_sweep(rates: Sequence[float], requests: Callable[[float], list],
 
     rows = []
     for qps in sorted(rates):
-        result = simulate(requests(qps), step_time(), config)
-        rows.append({"qps": qps, **result.summary(), "slo": check(result.summary(), slos)})
+        summary = simulate(requests(qps), step_time(), config).summary()
+        rows.append({"qps": qps, **summary, "slo": check(summary, slos)})
         if on_done:
             on_done(qps)
     return rows

@@ -116,6 +116,8 @@ def cmd_simulate(args: argparse.Namespace) -> None:
     rates = _rates(args.qps) if args.qps else []
     if len(rates) > 1 and args.chrome_trace:
         raise UserError("--chrome-trace traces one simulation; give one --qps rate")
+    if len(rates) > 1 and any(math.isinf(q) for q in rates):
+        raise UserError(f"--qps {args.qps}: a sweep takes finite rates (inf: one run alone)")
     reqs, workload = _requests(args, rates[0] if rates else None)
     probe = host_probe_arg(args.host_probe)
     with open_db(args.db) as db:

@@ -171,6 +171,7 @@ def test_simulate_sweeps_rates_against_slos(tmp_path, capsys):
                            "--chrome-trace", str(tmp_path / "t.json"))
     assert "--chrome-trace" in line
     assert "given twice" in _one_line_error(capsys, "simulate", "llama-3.2-1b", "--qps", "1,1")
+    assert "finite" in _one_line_error(capsys, "simulate", "llama-3.2-1b", "--qps", "1,inf")
     assert "not a positive rate" in _one_line_error(capsys, "simulate", "llama-3.2-1b", "--qps",
                                                     "fast")
 
