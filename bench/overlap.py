@@ -85,15 +85,15 @@ def main() -> None:
     for label, by_key in dbs.items():
         steps = [by_key[k] for k in common]
         kinds = _kinds(steps)
-        row = {"kinds": {}, "gpu_ratio": {}}
+        row = {"smooth_max": {}, "kinds": {k: int(sel.sum()) for k, sel in kinds.items()},
+               "gpu_ratio": {}}
         for p in POWERS:
             err = _errors(steps, p)
-            row.setdefault("smooth_max", {})[str(p)] = {
+            row["smooth_max"][str(p)] = {
                 "median_ape": float(np.median(np.abs(err))),
                 "p90_ape": float(np.percentile(np.abs(err), 90)),
                 **{f"{k}_signed_median": float(np.median(err[sel])) if sel.any() else None
                    for k, sel in kinds.items()}}
-        row["kinds"] = {k: int(sel.sum()) for k, sel in kinds.items()}
         for phase in ("prefill", "decode", "mixed"):
             ratios = [by_key[k]["gpu"] / first[k]["gpu"] for k in common
                       if by_key[k]["phase"] == phase]
