@@ -6,6 +6,7 @@ User mistakes print one line on stderr and exit with status 2; no traceback.
 from __future__ import annotations
 
 import argparse
+import platform
 import sys
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
@@ -13,7 +14,7 @@ from contextlib import contextmanager
 from rich.markup import escape
 from rich.table import Table
 
-from dooly_fx.cli_args import add_verb, engine_args
+from dooly_fx.cli_args import add_verb, collect_models, engine_args
 from dooly_fx.db import DEFAULT_TIMER, TIMERS
 from dooly_fx.engine import PHASES, EngineProfile
 from dooly_fx.errors import UserError
@@ -61,6 +62,7 @@ def cmd_capture(args: argparse.Namespace) -> None:
         python -m dooly_fx capture llama-3.1-8b mistral-7b qwen2.5-7b --shared
         python -m dooly_fx capture path/to/config.json --full-depth
     """
+    from dooly_fx.hostinfo import machine
     from dooly_fx.report import analyze_model, shared_signatures
     from dooly_fx.spec import resolve_model
 
@@ -75,7 +77,8 @@ def cmd_capture(args: argparse.Namespace) -> None:
             progress.update(task, description=f"capture {spec.name}")
             reports.append(analyze_model(spec, engine, phases, full_depth=args.full_depth,
                                          on_phase=lambda: progress.advance(task)))
-    payload: dict = {"engine": engine.label, "models": [r.to_json() for r in reports]}
+    payload: dict = {"engine": engine.label, "models": [r.to_json() for r in reports],
+                     "captured_with": {**machine("cpu"), "python": platform.python_version()}}
     shared = shared_signatures(reports) if len(reports) > 1 else []
     if len(reports) > 1:
         payload["shared"] = shared
@@ -104,14 +107,6 @@ def _sweep_args(args: argparse.Namespace):
     return [resolve_model(ref) for ref in args.models], engine, bounds, phases
 
 
-def _collect(specs, engine, phases):
-    from dooly_fx.profile import collect
-
-    with _progress() as progress:
-        task = progress.add_task("capture", total=len(specs))
-        return collect(specs, engine, phases, on_model=lambda _: progress.advance(task))
-
-
 def cmd_plan(args: argparse.Namespace) -> None:
     """What is covered and missing in a latency DB, and what dedup saves.
 
@@ -122,7 +117,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
     from dooly_fx.profile import plan, plan_environment
 
     specs, engine, bounds, phases = _sweep_args(args)
-    coll = _collect(specs, engine, phases)
+    coll = collect_models(specs, engine, phases)
     with LatencyDB.open_existing_or_empty(args.db) as db:
         env = plan_environment(db, args.device, args.timer)
         report = plan(db, coll, env, bounds, [s.name for s in specs])
@@ -172,7 +167,7 @@ def cmd_profile(args: argparse.Namespace) -> None:
     specs, engine, bounds, phases = _sweep_args(args)
     devices = _devices(args)
     budget = (args.warmup_ms, args.rep_ms)
-    coll = _collect(specs, engine, phases)
+    coll = collect_models(specs, engine, phases)
     with LatencyDB.open(args.db) as db:
         env = environment(devices[0], args.timer)
         if args.refresh_host:

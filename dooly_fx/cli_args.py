@@ -28,6 +28,16 @@ def open_db(path: str | None) -> LatencyDB:
     return LatencyDB.open(path, create=False)
 
 
+def collect_models(specs, engine, phases):
+    """`profile.collect` of `phases` of each model spec under `engine`, with a progress bar."""
+    from dooly_fx.profile import collect
+    from dooly_fx.ui import progress
+
+    with progress() as bar:
+        task = bar.add_task("capture", total=len(specs))
+        return collect(specs, engine, phases, on_model=lambda _: bar.advance(task))
+
+
 def db_option(parser: argparse.ArgumentParser) -> None:
     """`--db FILE` on a verb that only reads a DB: without it, the shipped one (`open_db`)."""
     parser.add_argument("--db", metavar="FILE", help="latency DB (default: the shipped H100 DB)")

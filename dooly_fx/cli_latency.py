@@ -10,6 +10,7 @@ from rich.table import Table
 
 from dooly_fx.cli_args import (
     add_verb,
+    collect_models,
     db_option,
     engine_args,
     host_probe_arg,
@@ -51,6 +52,37 @@ def model_name(db: LatencyDB, ref: str) -> str:
         return resolve_model(ref).name
     except UserError:
         return ref  # not a model anywhere: `load` says what the DB has
+
+
+def load_model(db: LatencyDB, ref: str, env: dict, engine: EngineProfile):
+    """`predict.load` of a model as the DB names it (`model_name`); a model the DB never
+    recorded under `engine` is captured here instead and its units looked up by signature,
+    so any model whose units other models already profiled needs no profile of its own.
+    Signatures the DB lacks are the returned `Loaded.missing`; a reference that names no
+    model is `load`'s UserError (it lists what the DB has)."""
+    from dooly_fx.engine import PHASES
+    from dooly_fx.predict import from_units, load
+    from dooly_fx.spec import resolve_model
+
+    name = model_name(db, ref)
+    if db.model_units(name, env["fingerprint"], engine.label):
+        return load(db, name, env["fingerprint"], engine.label)
+    try:
+        spec = resolve_model(ref)
+    except UserError:
+        return load(db, name, env["fingerprint"], engine.label)
+    coll = collect_models([spec], engine, PHASES)
+    rows = sorted(({"phase": phase, "regime": regime, "role": role, "signature": key,
+                    "count": count, "binding": bind}
+                   for phase, regime, role, key, count, bind in coll.units[spec.name]),
+                  key=lambda r: (r["phase"], r["regime"], r["role"]))
+    loaded = from_units(db, spec.name, env["fingerprint"], engine.label, rows,
+                        coll.configs[spec.name])
+    covered = len({r["signature"] for r in rows}) - len(loaded.missing)
+    out.print(f"{spec.name}: not recorded in the DB under {engine.label}; captured here, "
+              f"{covered} of its {covered + len(loaded.missing)} unit signatures are profiled "
+              f"on {env['device']}")
+    return loaded
 
 
 def model_spec(ref: str, name: str, config: dict, source: str):
@@ -129,15 +161,15 @@ def cmd_predict(args: argparse.Namespace) -> None:
         python -m dooly_fx predict qwen2.5-7b --db lat.db --device cpu --batch decode:30x1024 \\
             --json step.json
     """
-    from dooly_fx.predict import at_host_speed, load, predict_step
+    from dooly_fx.predict import at_host_speed, predict_step
     from dooly_fx.validate import parse_batch
 
     batch = parse_batch(args.batch)
     probe = host_probe_arg(args.host_probe)
     with open_db(args.db) as db:
-        name = model_name(db, args.model)
         env = _environment(db, args.device)
-        loaded = at_host_speed(load(db, name, env["fingerprint"], _engine(args).label), probe)
+        loaded = at_host_speed(load_model(db, args.model, env, _engine(args)), probe)
+        name = loaded.model
     step = predict_step(loaded, batch, skew=args.skew)
     table = Table(title=f"{name} · {step.phase} {step.values} · {env['device']} · "
                         f"{loaded.engine}")
@@ -298,15 +330,14 @@ def cmd_coverage(args: argparse.Namespace) -> None:
     from dataclasses import asdict
 
     from dooly_fx.coverage import coverage, write_html
-    from dooly_fx.predict import load
 
     engine = _engine(args)
     payload = []
     with open_db(args.db) as db:
         env = _environment(db, args.device)
         for ref in args.models:
-            name = model_name(db, ref)
-            loaded = load(db, name, env["fingerprint"], engine.label)
+            loaded = load_model(db, ref, env, engine)
+            name = loaded.model
             rows = coverage(db, loaded)
             table = Table(title=f"coverage · {name} · {engine.label} · {env['device']}")
             for col in ("unit", "kind", "covered", "ok/failed/oom", "range", "fit", "cv MAPE",

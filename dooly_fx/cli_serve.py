@@ -28,12 +28,10 @@ DEFAULT_SYNTHETIC_REQUESTS = 1000
 
 def _loaded(db: LatencyDB, args: argparse.Namespace):
     """(environment, Loaded) of the asked model, engine profile and device."""
-    from dooly_fx.cli_latency import _engine, _environment, model_name
-    from dooly_fx.predict import load
+    from dooly_fx.cli_latency import _engine, _environment, load_model
 
     env = _environment(db, args.device)
-    loaded = load(db, model_name(db, args.model), env["fingerprint"], _engine(args).label)
-    return env, loaded
+    return env, load_model(db, args.model, env, _engine(args))
 
 
 def _rates(text: str) -> list[float]:
@@ -68,7 +66,12 @@ def _requests(args: argparse.Namespace, qps: float | None = None) -> tuple[list,
 
 def _scheduler(args: argparse.Namespace, db: LatencyDB, env: dict, loaded):
     """The scheduler config, and how its KV cache was sized (JSON)."""
-    from dooly_fx.serving import cache_layout, kv_bytes_per_token, size_kv_cache, weight_bytes
+    from dooly_fx.serving import (
+        cache_layout,
+        kv_bytes_per_token,
+        loaded_weight_bytes,
+        size_kv_cache,
+    )
     from dooly_fx.simulate import preset
 
     overrides = {k: getattr(args, k) for k in ("max_batch_tokens", "max_seqs", "block_size")
@@ -85,7 +88,7 @@ def _scheduler(args: argparse.Namespace, db: LatencyDB, env: dict, loaded):
         raise UserError(f"environment {env['device']} records no GPU memory size; pass "
                         "--num-blocks")
     sizing = size_kv_cache(loaded.model, float(memory) * 2**30, args.gpu_memory_fraction,
-                           weight_bytes(db, loaded.model, env["fingerprint"], loaded.engine),
+                           loaded_weight_bytes(db, loaded),
                            kv_bytes_per_token(loaded.config, args.dtype), cfg.block_size,
                            cfg.full_groups + cfg.sliding_groups)
     return replace(cfg, num_blocks=sizing.num_blocks), {"source": "memory", **sizing.to_json()}

@@ -269,6 +269,14 @@ def load(db: LatencyDB, model: str, env: str, engine: str) -> Loaded:
         raise UserError(f"{model}: not profiled in this environment under engine {engine} "
                         f"(profiled: {', '.join(known) or 'none'})")
     config = next(m["config"] for m in db.models(env, engine) if m["name"] == model)
+    return from_units(db, model, env, engine, rows, config)
+
+
+def from_units(db: LatencyDB, model: str, env: str, engine: str, rows: Sequence[dict],
+               config: dict) -> Loaded:
+    """A model given by its unit rows (phase, regime, role, signature, count, binding: as
+    `LatencyDB.model_units` returns them, recorded or from a capture) and config, with the
+    fits `env` has for their signatures; signatures it has none for are `Loaded.missing`."""
     uses: dict[tuple[str, str], list[Use]] = {}
     builds: dict[tuple[str, str], list[Use]] = {}
     engine_units: dict[tuple[str, str], list[Use]] = {}
@@ -460,10 +468,23 @@ def attention_shapes(batch: Batch, window: int | None, groups: int) -> set[tuple
     return {full, sliding} if groups > 1 else {sliding}
 
 
+def missing_roles(loaded: Loaded) -> list[str]:
+    """The roles of the model's units whose signature has no fit (`Loaded.missing`), sorted."""
+    missing = set(loaded.missing)
+    groups = (loaded.uses, loaded.builds, loaded.engine_units, loaded.forward_units)
+    return sorted({u.role for group in groups for units in group.values() for u in units
+                   if u.signature in missing})
+
+
 def _require_fits(loaded: Loaded) -> None:
     if loaded.missing:
-        raise UserError(f"{loaded.model}: {len(loaded.missing)} signatures have no fit in this "
-                        "environment; run `python -m dooly_fx fit` (and profile them first)")
+        roles = missing_roles(loaded)
+        shown = ", ".join(roles[:3]) + (f" and {len(roles) - 3} more" if len(roles) > 3 else "")
+        count = len(loaded.missing)
+        raise UserError(f"{loaded.model}: {count} of its unit signatures "
+                        f"{'has' if count == 1 else 'have'} no fit in this environment "
+                        f"({shown}); profile them (`python -m dooly_fx profile`), then "
+                        "`python -m dooly_fx fit`")
 
 
 def _uses(loaded: Loaded, phase: str, values: dict) -> tuple[str, list[Use]]:

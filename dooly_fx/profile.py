@@ -225,12 +225,18 @@ def _driver_version() -> str | None:
 
 def plan_environment(db, device: str, timer: str = DEFAULT_TIMER) -> Env:
     """The environment a plan is for: this machine's, or, for `--device cuda` on a machine
-    without a GPU, the newest CUDA environment of `timer` recorded in the DB."""
+    without a GPU, the newest CUDA environment of `timer` recorded in the DB (none: every
+    point is missing). A DB whose CUDA samples were all taken with another timer is a
+    UserError naming it: a plan against none of them would call its whole profile missing."""
     if device == "cpu" or torch.cuda.is_available():
         return environment(device, timer)
-    recorded = [e for e in db.environments() if e.get("device_type") == "cuda"
-                and e.get("timing_version") == TIMING_VERSION
-                and env_timer(e) == timer]
+    cuda = [e for e in db.environments() if e.get("device_type") == "cuda"
+            and e.get("timing_version") == TIMING_VERSION]
+    recorded = [e for e in cuda if env_timer(e) == timer]
+    if not recorded and cuda:
+        timers = sorted({env_timer(e) for e in cuda})
+        raise UserError(f"{db.path}: its CUDA samples were taken with the {' and '.join(timers)} "
+                        f"timer, not {timer}: pass --timer {timers[0]}")
     if not recorded:
         info = {"device_type": "cuda", "device": "cuda (none recorded)"}
         return Env("none", info["device"], info)
@@ -395,14 +401,20 @@ class ProfileResult:
     """Signatures timed under sustained load (`timing.sustained`)."""
 
 
-def record_models(db: LatencyDB, coll: Collection, env: Env) -> None:
+def record_models(db: LatencyDB, coll: Collection, env: Env,
+                  complete: Callable[[str], bool] | None = None) -> None:
     """Record the environment, the signatures and each model's units (as captured here, with
-    this environment's software) in the DB."""
+    this environment's software) in the DB. A model the DB has units of already is recorded
+    again only where `complete(model)` (None: every model): a capture that names other units
+    than the recorded ones replaces them once they are all measured, so a profile cut short
+    never leaves a model that predicted before with units it has no fits for."""
     db.add_environment(env.fingerprint, env.device, env.info)
     db.add_signatures((c.key, c.kind, json.dumps(c.canonical, sort_keys=True))
                       for c in coll.cases.values())
     for model, units in coll.units.items():
-        db.set_model(model, env.fingerprint, coll.engine, coll.configs[model], units)
+        if complete is None or complete(model) or \
+                not db.model_units(model, env.fingerprint, coll.engine):
+            db.set_model(model, env.fingerprint, coll.engine, coll.configs[model], units)
 
 
 def profile(db: LatencyDB, coll: Collection, env: Env, bounds: Bounds, device: str,
@@ -413,9 +425,10 @@ def profile(db: LatencyDB, coll: Collection, env: Env, bounds: Bounds, device: s
 
     `budget_ms` is the (warm-up, repetition) time budget of each point. `stop()` is asked
     between points: once it says yes, the batch in hand is stored, its other claims are given
-    back, and the run ends as `interrupted` (`result.interrupted`).
+    back, and the run ends as `interrupted` (`result.interrupted`). Models are recorded
+    (`record_models`) before, where new, and after, where all their points are covered.
     """
-    record_models(db, coll, env)
+    record_models(db, coll, env, complete=lambda model: False)
     run_id = db.start_run(env.fingerprint, command)
     result = ProfileResult()
     status = "done"
@@ -449,6 +462,9 @@ def profile(db: LatencyDB, coll: Collection, env: Env, bounds: Bounds, device: s
         raise
     finally:
         db.finish_run(run_id, status)
+        covered = plan(db, coll, env, bounds, list(coll.units), local=True)["models"]
+        record_models(db, coll, env, complete={
+            m["model"] for m in covered if m["missing_points"] == 0}.__contains__)
     return result
 
 

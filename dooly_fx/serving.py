@@ -46,6 +46,19 @@ def weight_bytes(db: LatencyDB, model: str, env: str, engine: str) -> int:
         raise UserError(f"{model}: no prefill units recorded under engine {engine} "
                         f"(recorded: {', '.join(known) or 'none'})")
     config = next((m["config"] for m in db.models(env, engine) if m["name"] == model), {})
+    return units_weight_bytes(db, rows, config)
+
+
+def loaded_weight_bytes(db: LatencyDB, loaded) -> int:
+    """`weight_bytes` of a `predict.Loaded` model (recorded or captured here)."""
+    rows = [{"regime": regime, "signature": u.signature, "count": u.count}
+            for (phase, regime), uses in loaded.uses.items() if phase == "prefill"
+            for u in uses]
+    return units_weight_bytes(db, rows, loaded.config)
+
+
+def units_weight_bytes(db: LatencyDB, rows: list[dict], config: dict) -> int:
+    """`weight_bytes` of prefill unit rows (regime, signature, count) and the model's config."""
     tied = bool(config.get("tie_word_embeddings", False))
     # A sliding-window model records one regime per window case: count one regime only.
     regime = min(r["regime"] for r in rows)

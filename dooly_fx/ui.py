@@ -23,12 +23,13 @@ err = Console(stderr=True)
 
 
 def progress(eta: bool = False) -> Progress:
-    """A transient progress bar on stderr (with ETA when asked)."""
+    """A transient progress bar on stderr (with ETA when asked); none where stderr is no
+    terminal (a log or a pipe would only get the blank line it leaves)."""
     columns = [TextColumn("{task.description}"), BarColumn(),
                TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn()]
     if eta:
         columns.append(TimeRemainingColumn())
-    return Progress(*columns, console=err, transient=True)
+    return Progress(*columns, console=err, transient=True, disable=not err.is_terminal)
 
 
 def write_json(path: str | Path, payload: dict) -> None:

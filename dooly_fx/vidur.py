@@ -22,7 +22,8 @@ sum over layers gives back our step total:
 | input_layernorm | norm: `input_layernorm` |
 | attn_pre_proj | gemm: `self_attn.{q,k,v,qkv}_proj`, norm: `self_attn.{q,k}_norm` |
 | attn_rope | rotary, when captured apart (else it is inside the attention unit); the |
-|           | elementwise unit of `self_attn` (a paged capture's rotary application) |
+|           | elementwise unit `self_attn:model` (the rotary of a paged capture whose     |
+|           | partition skipped transformers' frames, passes/README.md rule 3)           |
 | attn_post_proj | gemm: `self_attn.o_proj` |
 | post_attention_layernorm | norm: `post_attention_layernorm`, `{pre,post}_feedforward_*` |
 | mlp_up_proj | gemm: `mlp.{gate,up,gate_up}_proj`; MoE: router and experts |

@@ -18,6 +18,7 @@ View-like ops cost no kernel; they join their group but do not make a unit on th
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -51,6 +52,8 @@ _DYNAMO_ROOT = re.compile(r"^L\['\w+'\]\.?")
 _FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\w+)\n?([^\n]*)')
 _CALLEE = re.compile(r"(?:^|=)\s*([\w.]+)\(")
 _LAYER = re.compile(r"layers\.(\d+)(?:\.|$)")
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+_INSTALLED_TORCH = re.compile(r"[/\\](?:site|dist)-packages[/\\]torch[/\\]")
 
 
 @dataclass(eq=False)
@@ -165,7 +168,7 @@ def _call_site(node: torch.fx.Node) -> str:
     `torch.compile` keep only `forward` frames): `causal_mask = create_causal_mask(`.
     """
     frames = [f for f in _FRAME.findall(node.meta.get("stack_trace") or "")
-              if "/torch/" not in f[0]]
+              if not _is_torch_frame(f[0])]
     last = max((i for i, f in enumerate(frames) if f[2] == "forward"), default=None)
     if last is None:
         return ""
@@ -175,6 +178,14 @@ def _call_site(node: torch.fx.Node) -> str:
         callee = _CALLEE.search(frames[last][3].strip())
         helper = callee.group(1).rsplit(".", 1)[-1] if callee else ""
     return f"{frames[last][1]}:{helper}"
+
+
+def _is_torch_frame(path: str) -> bool:
+    """Whether a frame's file is torch's own (its tracers, `nn.Module.__call__`): inside the
+    imported torch package or an installed `torch` package. Not any path with a `torch`
+    folder in it: an environment at `/opt/torch/.venv` holds transformers too, and dropping
+    its frames would group a whole decoder layer's helpers as one call."""
+    return path.startswith(_TORCH_DIR) or _INSTALLED_TORCH.search(path) is not None
 
 
 def fetch_attr(gm: torch.fx.GraphModule, target: str) -> object:

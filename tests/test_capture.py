@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 from dooly_fx.capture import capture, layer_plan
 from dooly_fx.engine import EngineProfile
 from dooly_fx.passes.partition import partition
+from dooly_fx.passes.signature import signature
 from dooly_fx.passes.taint import META_KEY, Config, Request, taint
 from dooly_fx.report import analyze_graph, analyze_model
 from dooly_fx.symbols import named
@@ -245,6 +247,29 @@ def test_partition_covers_every_kernel(llama_prefill):
     kernels = [n for n in cap.gm.graph.nodes if n.op == "call_function" and not is_view(n)]
     assert all("dooly.unit" in n.meta for n in kernels)
     assert sum(len(u.compute_nodes) for u in units) == len(kernels)
+
+
+@pytest.mark.parametrize("engine", [PADDED, PAGED], ids=["padded", "paged"])
+def test_units_do_not_depend_on_where_packages_are_installed(engine):
+    """A Python environment whose path has a `torch` folder in it (`/opt/torch/.venv`) holds
+    transformers there too: its frames still name each call site, so the units, their roles
+    and their signatures are those of any other install."""
+    (cap,) = capture(tiny_spec("llama-3.1-8b"), engine, "decode")
+    taint(cap.gm, cap.symbols)
+
+    def units():
+        return sorted((u.role, signature(u).key) for u in partition(cap.gm))
+
+    here = units()
+    packages = re.compile(r'File "[^"]*?[/\\](?:site|dist)-packages[/\\]')
+    for node in cap.gm.graph.nodes:
+        if node.meta.get("stack_trace"):
+            node.meta["stack_trace"] = packages.sub(
+                'File "/opt/torch/.venv/lib/python3.12/site-packages/', node.meta["stack_trace"])
+    assert "/opt/torch/.venv/" in "".join(n.meta.get("stack_trace") or ""
+                                          for n in cap.gm.graph.nodes)
+    assert units() == here
+    assert {role for role, _ in here} >= {"model.layers.*.self_attn:apply_rotary_pos_emb"}
 
 
 def test_analyze_graph_from_a_torch_compile_backend():

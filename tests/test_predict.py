@@ -33,7 +33,7 @@ from dooly_fx.profile import collect, environment, profile
 from dooly_fx.sweep import Bounds
 from dooly_fx.validate import parse_batch
 
-from tiny import tiny_spec
+from tiny import spec_from_fields, tiny_fields, tiny_spec
 
 GEMM = {"kind": "gemm", "inputs": [["bfloat16", ["m", 64]], ["bfloat16", [32, 64]]],
         "outputs": [["bfloat16", ["m", 32]]]}
@@ -397,6 +397,35 @@ def test_predict_cli_json_contract_and_bad_batch(tiny_db, tmp_path):
     bad = _cli("predict", spec.name, "--db", str(path), "--device", "cpu", "--batch",
                "decode:2x32", "--host-probe", "fast")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--host-probe" in bad.stderr
+
+
+def test_a_model_the_db_never_recorded_is_predicted_from_its_units_signatures(tiny_db,
+                                                                             tmp_path, capsys):
+    """A config the DB has no record of is captured and its units looked up by signature:
+    the same architecture under another name is predicted as the profiled model, to the last
+    digit; one whose MLP is wider lacks those units and says which (one line, exit 2)."""
+    from dooly_fx.cli_latency import _environment, load_model
+
+    path, spec, env, coll, *_ = tiny_db
+    same, wider = tmp_path / "same", tmp_path / "wider"
+    spec.config.save_pretrained(same)
+    spec_from_fields("wider", tiny_fields("llama-3.1-8b", intermediate_size=192)
+                     ).config.save_pretrained(wider)
+    batch = [(8, 0), (8, 0), (1, 16), (1, 16), (1, 16)]
+    with LatencyDB.open(path) as db:
+        profiled = load(db, spec.name, env.fingerprint, EngineProfile().label)
+        unseen = load_model(db, str(same), _environment(db, "cpu"), EngineProfile())
+    n = len(coll.cases)
+    assert f"{same}: not recorded in the DB under padded|sdpa|bfloat16; captured here, {n} of " \
+           f"its {n} unit signatures are profiled on {env.device}" in capsys.readouterr().out
+    assert unseen.model == str(same) and unseen.missing == []
+    assert unseen.uses == profiled.uses
+    assert predict_step(unseen, batch).total_ms == predict_step(profiled, batch).total_ms
+    bad = _cli("predict", str(wider), "--db", str(path), "--device", "cpu",
+               "--batch", "decode:3x16")
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
+    assert "3 of its unit signatures have no fit" in bad.stderr
+    assert "model.layers.*.mlp.act_fn, model.layers.*.mlp.down_proj" in bad.stderr
 
 
 def test_coverage_cli_reports_every_unit_with_plots(tiny_db, tmp_path):

@@ -15,11 +15,12 @@ import torch
 
 from dooly_fx.db import LatencyDB, fingerprint
 from dooly_fx.engine import EngineProfile
+from dooly_fx.errors import UserError
 from dooly_fx.profile import TIMING_VERSION, collect, environment, plan, plan_environment, profile
 from dooly_fx.sweep import Bounds, points, request_vars, sweep_points
 from dooly_fx.timing import measure
 
-from tiny import tiny_fields, tiny_spec
+from tiny import spec_from_fields, tiny_fields, tiny_spec
 
 BOUNDS = ["--max-tokens", "16", "--max-seqs", "2", "--max-context", "64"]
 QUICK = ["--warmup-ms", "1", "--rep-ms", "2"]
@@ -333,6 +334,31 @@ def test_plan_reads_units_recorded_in_the_db(tmp_path):
     assert here["units_from"] == "capture"
 
 
+def test_a_model_keeps_its_recorded_units_until_its_new_ones_are_measured(tmp_path):
+    """A capture that names other units than those recorded (another capture pass, a model
+    changed under the same name) replaces them only once every point of the new ones is
+    measured: a profile cut short leaves the model with the units it has fits for."""
+    before = tiny_spec("llama-3.1-8b")
+    after = spec_from_fields(before.name, tiny_fields("llama-3.1-8b", intermediate_size=192))
+    engine, env, bounds = EngineProfile(), environment("cpu"), Bounds(8, 2, 32)
+    old, new = (collect([spec], engine, ["decode"]) for spec in (before, after))
+    old_units, new_units = (sorted(map(tuple, (u[:5] for u in c.units[before.name])))
+                            for c in (old, new))
+    assert old_units != new_units
+    with LatencyDB.open(tmp_path / "lat.db") as db:
+        def recorded():
+            return sorted((u["phase"], u["regime"], u["role"], u["signature"], u["count"])
+                          for u in db.model_units(before.name, env.fingerprint, engine.label))
+
+        profile(db, old, env, bounds, "cpu", "test", budget_ms=(0.5, 1.0))
+        assert recorded() == old_units
+        cut = profile(db, new, env, bounds, "cpu", "test", budget_ms=(0.5, 1.0),
+                      stop=lambda: True)
+        assert cut.interrupted and recorded() == old_units
+        profile(db, new, env, bounds, "cpu", "test", budget_ms=(0.5, 1.0))
+        assert recorded() == new_units
+
+
 @pytest.mark.parametrize("impl", ["grouped_mm", "batched_mm"])
 def test_moe_experts_run_the_engine_implementation_at_each_skew(impl):
     """The experts unit names its implementation, sweeps routing skew, and times transformers'
@@ -390,4 +416,10 @@ def test_each_timer_has_its_own_cuda_environment(tmp_path, monkeypatch):
         db.add_environment(fingerprint(stream), stream["device"], stream)
         assert plan_environment(db, "cuda", "do_bench").fingerprint == fingerprint(base)
         assert plan_environment(db, "cuda").fingerprint == fingerprint(stream)  # the default
+    with LatencyDB.open(tmp_path / "do_bench.db") as db:
+        assert plan_environment(db, "cuda").device == "cuda (none recorded)"
+        db.add_environment(fingerprint(base), base["device"], base)
+        with pytest.raises(UserError, match="taken with the do_bench timer, not stream: "
+                                            "pass --timer do_bench"):
+            plan_environment(db, "cuda")
     assert "timer" not in environment("cpu", "stream").info  # CPU timing has no flush
