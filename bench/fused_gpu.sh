@@ -16,7 +16,7 @@ STAGES=" ${2:-profile steps} "
 export PYTHONUNBUFFERED=1
 if [[ "$STAGES" == *" profile "* ]]; then
     python3 -m dooly_fx profile $MODELS --kernels triton --db "$DB" --device cuda $BOUNDS \
-        --warmup-ms 5 --rep-ms 20 2>&1 | grep -v "━" | tail -6
+        --warmup-ms 5 --rep-ms 20 --timer "${TIMER:-do_bench}" 2>&1 | grep -v "━" | tail -6
     python3 -m dooly_fx fit --db "$DB" | tail -2
 fi
 [[ "$STAGES" == *" steps "* ]] || exit 0

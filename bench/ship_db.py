@@ -3,8 +3,9 @@
     python -m dooly_fx fit --db bench/results/h100.db
     python bench/ship_db.py --db bench/results/h100.db
 
-Copies the DB with `VACUUM INTO` (no free pages, no WAL) to `dooly_fx/data/h100.db`, after
-checking it is a current dooly_fx DB whose every profiled signature has a fit. The shipped file
+Copies the DB with `VACUUM INTO` (no free pages, no WAL) and gzips it to
+`dooly_fx/data/h100.db.gz` (`db.SHIPPED_DB`, read into memory when opened), after checking it is
+a current dooly_fx DB whose every profiled signature has a fit. The shipped file
 keeps its provenance: environments (device, driver, library versions), runs (commands) and
 per-point timings. Writes `dooly_fx/data/README.md` from the DB's own records.
 """
@@ -12,7 +13,9 @@ per-point timings. Writes `dooly_fx/data/README.md` from the DB's own records.
 from __future__ import annotations
 
 import argparse
+import gzip
 import sys
+import tempfile
 from pathlib import Path
 
 from dooly_fx.db import SHIPPED_DB, LatencyDB, env_timer
@@ -24,7 +27,8 @@ def main() -> None:
     args = parser.parse_args()
     with LatencyDB.open(args.db, create=False) as db:
         lines = ["# Shipped latency DB", "",
-                 f"`h100.db` is `{args.db}` copied by `python {' '.join(sys.argv)}`.", "",
+                 f"`h100.db.gz` is `{args.db}` copied and gzipped by "
+                 f"`python {' '.join(sys.argv)}`.", "",
                  "| environment | device | torch | triton | transformers | driver | CUDA | timer | "
                  "signatures | ok points | fits |",
                  "|---|---|---|---|---|---|---|---|---:|---:|---:|"]
@@ -46,10 +50,15 @@ def main() -> None:
         lines += ["", "Profiling runs (from its `runs` table):", ""]
         lines += [f"- `{r[0]}` ({r[1]})" for r in db.conn.execute(
             "SELECT command, status FROM runs ORDER BY id")]
-        SHIPPED_DB.unlink(missing_ok=True)
-        db.conn.execute("VACUUM INTO ?", (str(SHIPPED_DB),))
+        with tempfile.TemporaryDirectory() as tmp:
+            copy = Path(tmp) / "h100.db"
+            db.conn.execute("VACUUM INTO ?", (str(copy),))
+            size = copy.stat().st_size
+            # mtime 0: the same DB gzips to the same bytes.
+            SHIPPED_DB.write_bytes(gzip.compress(copy.read_bytes(), compresslevel=9, mtime=0))
     (SHIPPED_DB.parent / "README.md").write_text("\n".join(lines) + "\n")
-    print(f"{SHIPPED_DB}: {SHIPPED_DB.stat().st_size / 2**20:.1f} MiB")
+    print(f"{SHIPPED_DB}: {SHIPPED_DB.stat().st_size / 2**20:.1f} MiB "
+          f"({size / 2**20:.1f} MiB uncompressed)")
 
 
 if __name__ == "__main__":

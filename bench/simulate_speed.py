@@ -99,7 +99,7 @@ def make_step_time(args: argparse.Namespace) -> Source:
     cache = memory * 0.9 - weights
     return Source(lambda: FlatStepTime(loaded), blocks, {
         "model": args.model, "engine": ENGINE, "device": env["device"],
-        "db": "dooly_fx/data/h100.db (shipped)", "db_load_s": round(load_s, 4),
+        "db": "dooly_fx/data/h100.db.gz (shipped)", "db_load_s": round(load_s, 4),
         "kv_cache": f"{cache / 1e9:.1f} GB ({env['memory_gib']} GiB x 0.9 - "
                     f"{weights / 1e9:.2f} GB weights) at {per_token} bytes/token"})
 

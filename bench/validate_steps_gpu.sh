@@ -4,7 +4,8 @@
 #   STAGES (default: record eager fit sdpa eager-steps): any of record, eager, fit, sdpa,
 #   eager-steps, fidelity, paged, refresh. Each step and fidelity run writes its own JSON, and the log of
 #   each model goes to OUT_DIR as it runs, so a stage stopped by its time limit keeps what
-#   finished. STEP_SECONDS (default 150) limits each model's validate-steps run.
+#   finished. STEP_SECONDS (default 150) limits each model's validate-steps run; profiling
+#   uses TIMER (default do_bench, h100.db's).
 #   paged: validate-steps --engine paged (the continuous-batching engine's whole steps) for
 #   PAGED_MODELS (default: the models of bench/profile_paged_gpu.sh) with paged|sdpa and the
 #   PAGED_EAGER ones with paged|eager, against PAGED_DB (default: DB).
@@ -21,7 +22,7 @@ DB="$OUT_DIR/h100.db"
 MODELS="llama-3.2-1b llama-3.2-3b llama-3.1-8b qwen2.5-7b phi-3-mini gemma-2-9b"
 EAGER="llama-3.2-1b llama-3.1-8b qwen2.5-7b"
 BOUNDS="--max-tokens 4096 --max-seqs 64 --max-context 4096"
-BUDGET="--warmup-ms 5 --rep-ms 20"
+BUDGET="--warmup-ms 5 --rep-ms 20 --timer ${TIMER:-do_bench}"
 export PYTHONUNBUFFERED=1
 has() { [[ "$STAGES" == *" $1 "* ]]; }
 if has record; then
@@ -42,7 +43,7 @@ qwen1.5-moe-a2.7b"
         kind=${run%%:*}; models=${run#*:}
         engine="--attn ${kind##* }"; [[ "$kind" == paged* ]] && engine="--engine paged $engine"
         python3 -m dooly_fx profile $models $engine --db "$DB" --device cuda $BOUNDS \
-            --refresh-host 2>&1 | grep -v "━" | tail -2
+            --timer "${TIMER:-do_bench}" --refresh-host 2>&1 | grep -v "━" | tail -2
     done
     python3 -m dooly_fx fit --db "$DB" | tail -2
 fi

@@ -6,7 +6,7 @@ replays and against our own simulator on the same requests.
     python bench/vidur_dropin.py --run bench/results/serving/serving_llama-3.1-8b_sdpa.json \\
         --estimators 50 --max-depth 16 --cv 3 --keep /tmp/vidur-work
 
-Steps (CPU only; the shipped DB `dooly_fx/data/h100.db` is only read):
+Steps (CPU only; the shipped DB `dooly_fx/data/h100.db.gz` is only read):
 
 1. A virtualenv with `pip install vidur==0.0.26` from PyPI: a fresh one in a temp folder, or
    `--venv DIR` (created there if missing, reused when it already has that version).
@@ -432,7 +432,7 @@ def measure(args, run: dict, model: str, settings: dict, requests: list[dict],
             "run": _shown([str(args.run.resolve())], subs),
             "model": model, "measured_on": run["measured_on"], "workload": run["workload"],
             "engine_settings": settings, "requests": n,
-            "ours_predicted_from": ours["predicted_from"], "ours_db": "dooly_fx/data/h100.db",
+            "ours_predicted_from": ours["predicted_from"], "ours_db": "dooly_fx/data/h100.db.gz",
             "vidur_model": vidur_model,
             "vidur_model_dims": {k: dims[k] for k in ("num_layers", "num_q_heads",
                                                       "num_kv_heads", "embedding_dim",

@@ -22,10 +22,11 @@ def add_verb(verbs, name: str, func: Callable[[argparse.Namespace], None],
 
 
 def open_db(path: str | None) -> LatencyDB:
-    """The DB at `path`, or the DB shipped with the package (read-only)."""
+    """The DB at `path`, or the DB shipped with the package (read-only, as is any
+    compressed DB)."""
     if path is None:
         return LatencyDB.open(SHIPPED_DB, create=False, readonly=True)
-    return LatencyDB.open(path, create=False)
+    return LatencyDB.open(path, create=False, readonly=path.endswith(".gz"))
 
 
 def collect_models(specs, engine, phases):

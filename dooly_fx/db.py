@@ -10,6 +10,7 @@ and a killed profiler's claims are taken over.
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import socket
@@ -118,8 +119,9 @@ CREATE TABLE sustained (            -- one signature timed under sustained load 
 CREATE INDEX points_env ON points (env, status);
 """
 
-SHIPPED_DB = Path(__file__).parent / "data" / "h100.db"
-"""The H100 latency DB shipped with the package (profiles and fits; see data/README.md)."""
+SHIPPED_DB = Path(__file__).parent / "data" / "h100.db.gz"
+"""The H100 latency DB shipped with the package (profiles and fits; see data/README.md),
+gzip-compressed: `LatencyDB.open` reads a `.gz` DB into memory, read-only."""
 
 MAX_ATTEMPTS = 3
 """A point that failed this many times is not retried automatically."""
@@ -217,9 +219,15 @@ class LatencyDB:
         """Open (or create) a DB; a file that is not a current dooly_fx DB is a UserError.
 
         Nothing is written to a file that fails the check, nor to one opened `readonly` (the
-        DB shipped with the package may sit in a read-only install).
+        DB shipped with the package may sit in a read-only install). A gzip-compressed DB
+        (`.gz`, as `SHIPPED_DB`) is read into memory; it opens only `readonly`.
         """
         path = Path(path)
+        if path.suffix == ".gz":
+            if not readonly:
+                raise UserError(f"{path}: a compressed DB is read-only; gunzip it to write "
+                                "to it")
+            return cls(path, _open_compressed(path))
         exists = path.exists() and path.stat().st_size > 0
         if not exists and (not create or readonly):
             raise UserError(f"{path}: no such latency DB")
@@ -606,9 +614,36 @@ def _has_table(conn: sqlite3.Connection, name: str) -> bool:
     return row is not None
 
 
-def _check_header(path: Path) -> None:
-    with path.open("rb") as fh:
-        header = fh.read(16)
+def _open_compressed(path: Path) -> sqlite3.Connection:
+    """A read-only in-memory connection to the gzip-compressed DB at `path`."""
+    try:
+        data = gzip.decompress(path.read_bytes())
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such latency DB") from None
+    except (OSError, EOFError) as exc:
+        raise UserError(f"{path}: not a gzip-compressed dooly_fx latency DB ({exc})") from None
+    _check_header(path, data[:16])
+    # Bytes 18-19 of the header are 2 in a WAL DB, which memory cannot hold: as rollback.
+    data = data[:18] + b"\x01\x01" + data[20:]
+    conn = sqlite3.connect(":memory:")
+    conn.row_factory = sqlite3.Row
+    try:
+        conn.deserialize(data)
+        conn.execute("PRAGMA query_only = ON")
+        _check_schema(conn, path)
+    except sqlite3.DatabaseError as exc:
+        conn.close()
+        raise UserError(f"{path}: not a usable dooly_fx latency DB ({exc})") from exc
+    except UserError:
+        conn.close()
+        raise
+    return conn
+
+
+def _check_header(path: Path, header: bytes | None = None) -> None:
+    if header is None:
+        with path.open("rb") as fh:
+            header = fh.read(16)
     if header != b"SQLite format 3\x00":
         raise UserError(f"{path}: not a dooly_fx latency DB (not an SQLite file)")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import multiprocessing
 import os
 import signal
@@ -45,6 +46,34 @@ def test_foreign_or_corrupt_file_is_refused_untouched(tmp_path, content):
     assert "\n" not in str(err.value)
     assert path.read_bytes() == content
     assert not (tmp_path / "x.db-wal").exists()
+
+
+def test_a_gzipped_db_opens_read_only_in_memory_and_bad_ones_are_one_line_errors(tmp_path):
+    plain = tmp_path / "lat.db"
+    with _fresh(plain) as db:
+        run = db.start_run(ENV, "test")
+        db.claim(ENV, SIG, POINTS[:1], run)
+        db.record(ENV, SIG, [(POINTS[0], _timing(1.5))], run, 0.1)
+        db.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    packed = tmp_path / "lat.db.gz"
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    before = packed.read_bytes()
+    with LatencyDB.open(packed, create=False, readonly=True) as db:
+        assert db.ok_points(ENV, SIG) == [({"m": 1}, 1.5)]
+        with pytest.raises(sqlite3.OperationalError, match="readonly"):
+            db.conn.execute("DELETE FROM points")
+    with pytest.raises(UserError, match="compressed DB is read-only; gunzip it"):
+        LatencyDB.open(packed, create=False)
+    assert packed.read_bytes() == before
+    for name, content, message in [
+            ("junk.db.gz", b"not gzip", "not a gzip-compressed dooly_fx latency DB"),
+            ("text.db.gz", gzip.compress(b"hello" * 9), "not an SQLite file"),
+            ("none.db.gz", None, "no such latency DB")]:
+        if content is not None:
+            (tmp_path / name).write_bytes(content)
+        with pytest.raises(UserError, match=message) as err:
+            LatencyDB.open(tmp_path / name, create=False, readonly=True)
+        assert "\n" not in str(err.value)
 
 
 def test_other_sqlite_and_older_schema_are_refused_untouched(tmp_path):
