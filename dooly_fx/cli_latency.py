@@ -173,7 +173,9 @@ def cmd_predict(args: argparse.Namespace) -> None:
     step = predict_step(loaded, batch, skew=args.skew)
     table = Table(title=f"{name} · {step.phase} {step.values} · {env['device']} · "
                         f"{loaded.engine}")
-    for col in ("unit", "kind", "count", "point", "GPU ms/call", "GPU ms", "host ms", "share"):
+    dev = "GPU" if env.get("device_type") == "cuda" else "CPU"  # what runs the kernels
+    for col in ("unit", "kind", "count", "point", f"{dev} ms/call", f"{dev} ms", "host ms",
+                "share"):
         table.add_column(col, justify="left" if col in ("unit", "kind", "point") else "right")
     for u in sorted(step.units, key=lambda u: -u.count * step.in_step_ms(u)):
         flag = " (extrapolated)" if u.extrapolated else ""
@@ -182,10 +184,10 @@ def cmd_predict(args: argparse.Namespace) -> None:
                       f"{ms:.4f}", f"{u.count * ms:.3f}", f"{u.count * u.host_ms:.3f}",
                       f"{u.count * ms / step.gpu_ms:.1%}" if step.gpu_ms else "-")
     out.print(table)
-    bound = "GPU" if step.gpu_ms >= step.host_ms else "host"
+    bound = dev if step.gpu_ms >= step.host_ms else "host"
     engine = f"engine batch preparation {step.prepare_ms:.3f} ms, then " \
         if step.prepare_ms else ""
-    out.print(f"total {step.total_ms:.3f} ms ({engine}{bound}-bound forward: GPU "
+    out.print(f"total {step.total_ms:.3f} ms ({engine}{bound}-bound forward: {dev} "
               f"{step.gpu_ms:.3f} ms, host {step.host_ms:.3f} ms)")
     if step.clock_ms:
         out.print(f"GPU: {step.clock_ms:.3f} ms of it is the lower clock of a GPU kept busy "
