@@ -138,6 +138,11 @@ def _print_plan(report: dict) -> None:
                       f"{m['estimated_missing_seconds']:.0f}",
                       f"{m['estimated_seconds_alone']:.0f}")
     _out.print(table)
+    for m in report["models"]:
+        if m["captured_not_recorded"]:
+            _out.print(f"{m['model']}: planned from its units as recorded in the DB; this "
+                       f"machine's capture of it has {m['captured_not_recorded']} signatures "
+                       "they lack, which `profile` measures where it captures so too")
     _out.print(
         f"unique signatures {report['unique_signatures']} · unique points "
         f"{report['unique_points']} · missing {report['missing_points']} "

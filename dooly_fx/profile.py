@@ -312,8 +312,12 @@ def plan(db: LatencyDB, coll: Collection, env: Env, bounds: Bounds,
         missing = [p for p in pairs if not done(*p)]
         model_seconds = sum(seconds[p] for p in pairs)
         baseline += model_seconds
+        captured = set(coll.signatures_of(model)) if model in coll.units else set(sigs)
         per_model.append({
             "model": model, "units_from": source, "signatures": len(sigs),
+            # Signatures this machine's capture has that the recorded units lack: a profile
+            # on a machine that captures as this one does would measure them too.
+            "captured_not_recorded": len(captured - set(sigs)),
             "covered_points": len(pairs) - len(missing),
             "missing_points": len(missing), "points": len(pairs),
             "estimated_missing_seconds": round(sum(seconds[p] for p in missing), 1),

@@ -330,8 +330,10 @@ def test_plan_reads_units_recorded_in_the_db(tmp_path):
         old = plan(db, coll, env, bounds, [spec.name])["models"][0]
         here = plan(db, coll, env, bounds, [spec.name], local=True)["models"][0]
     assert old["signatures"] == len(coll.cases) - 1 and old["missing_points"] == 0
+    assert old["captured_not_recorded"] == 1  # `plan` says the capture here has one more
     assert here["signatures"] == len(coll.cases) and here["missing_points"] > 0
-    assert here["units_from"] == "capture"
+    assert here["units_from"] == "capture" and here["captured_not_recorded"] == 0
+    assert model["captured_not_recorded"] == 0  # nothing captured to compare with
 
 
 def test_a_model_keeps_its_recorded_units_until_its_new_ones_are_measured(tmp_path):
