@@ -238,7 +238,7 @@ class LatencyDB:
         else:
             conn = sqlite3.connect(path, timeout=60.0, isolation_level=None)
         conn.row_factory = sqlite3.Row
-        try:
+        with _closed_on_failure(conn, path):
             if readonly:
                 _check_schema(conn, path)
                 return cls(path, conn)
@@ -256,12 +256,6 @@ class LatencyDB:
                         conn.executemany("INSERT INTO meta VALUES (?, ?)", [
                             ("app", APP_ID), ("schema_version", str(SCHEMA_VERSION))])
             conn.execute("PRAGMA foreign_keys = ON")
-        except sqlite3.DatabaseError as exc:
-            conn.close()
-            raise UserError(f"{path}: not a usable dooly_fx latency DB ({exc})") from exc
-        except UserError:
-            conn.close()
-            raise
         return cls(path, conn)
 
     @classmethod
@@ -627,17 +621,24 @@ def _open_compressed(path: Path) -> sqlite3.Connection:
     data = data[:18] + b"\x01\x01" + data[20:]
     conn = sqlite3.connect(":memory:")
     conn.row_factory = sqlite3.Row
-    try:
+    with _closed_on_failure(conn, path):
         conn.deserialize(data)
         conn.execute("PRAGMA query_only = ON")
         _check_schema(conn, path)
+    return conn
+
+
+@contextmanager
+def _closed_on_failure(conn: sqlite3.Connection, path: Path) -> Iterator[None]:
+    """Close `conn` when opening it fails; an SQLite error becomes a one-line UserError."""
+    try:
+        yield
     except sqlite3.DatabaseError as exc:
         conn.close()
         raise UserError(f"{path}: not a usable dooly_fx latency DB ({exc})") from exc
     except UserError:
         conn.close()
         raise
-    return conn
 
 
 def _check_header(path: Path, header: bytes | None = None) -> None:
