@@ -56,9 +56,10 @@ def main() -> None:
             size = copy.stat().st_size
             # mtime 0: the same DB gzips to the same bytes.
             SHIPPED_DB.write_bytes(gzip.compress(copy.read_bytes(), compresslevel=9, mtime=0))
+    sizes = f"{SHIPPED_DB.stat().st_size / 2**20:.1f} MiB ({size / 2**20:.1f} MiB uncompressed)"
+    lines[2:2] = [f"Size: {sizes}.", ""]
     (SHIPPED_DB.parent / "README.md").write_text("\n".join(lines) + "\n")
-    print(f"{SHIPPED_DB}: {SHIPPED_DB.stat().st_size / 2**20:.1f} MiB "
-          f"({size / 2**20:.1f} MiB uncompressed)")
+    print(f"{SHIPPED_DB}: {sizes}")
 
 
 if __name__ == "__main__":

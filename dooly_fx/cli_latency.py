@@ -72,10 +72,7 @@ def load_model(db: LatencyDB, ref: str, env: dict, engine: EngineProfile):
     except UserError:
         return load(db, name, env["fingerprint"], engine.label)
     coll = collect_models([spec], engine, PHASES)
-    rows = sorted(({"phase": phase, "regime": regime, "role": role, "signature": key,
-                    "count": count, "binding": bind}
-                   for phase, regime, role, key, count, bind in coll.units[spec.name]),
-                  key=lambda r: (r["phase"], r["regime"], r["role"]))
+    rows = coll.unit_rows(spec.name)
     loaded = from_units(db, spec.name, env["fingerprint"], engine.label, rows,
                         coll.configs[spec.name])
     covered = len({r["signature"] for r in rows}) - len(loaded.missing)

@@ -72,6 +72,13 @@ class Collection:
     def signatures_of(self, model: str) -> list[str]:
         return sorted({row[3] for row in self.units[model]})
 
+    def unit_rows(self, model: str) -> list[dict]:
+        """A model's units as `LatencyDB.model_units` returns recorded ones (dicts, in phase,
+        regime and role order), for what reads either."""
+        keys = ("phase", "regime", "role", "signature", "count", "binding")
+        return sorted((dict(zip(keys, row, strict=True)) for row in self.units[model]),
+                      key=lambda r: (r["phase"], r["regime"], r["role"]))
+
 
 @dataclass(frozen=True)
 class Env:
