@@ -340,7 +340,7 @@ def cmd_export_vidur(args: argparse.Namespace) -> None:
     by_tokens = {r["num_tokens"]: r for r in export.mlp}
     for op in MLP_OPS:
         roles = [r.removeprefix("model.layers.*.") for r in export.mapping.get(op, [])]
-        none = "- (inside attention units)" if op == "attn_rope" else "-"
+        none = "- (with the attention-side units)" if op == "attn_rope" else "-"
         table.add_row(op, ", ".join(roles) or none,
                       *(f"{by_tokens[n][f'time_stats.{op}.median']:.4f}" for n in grid))
     out.print(table)

@@ -225,8 +225,7 @@ class LatencyDB:
         path = Path(path)
         if path.suffix == ".gz":
             if not readonly:
-                raise UserError(f"{path}: a compressed DB is read-only; gunzip it to write "
-                                "to it")
+                _refuse_compressed(path)
             return cls(path, _open_compressed(path))
         exists = path.exists() and path.stat().st_size > 0
         if not exists and (not create or readonly):
@@ -263,7 +262,7 @@ class LatencyDB:
         """The DB at `path` if there is one, else an empty in-memory DB: for read-only
         questions (`plan`) that must not create a file."""
         if Path(path).exists():
-            return cls.open(path, create=False)
+            return cls.open(path, create=False, readonly=Path(path).suffix == ".gz")
         return cls.open(":memory:")
 
     def close(self) -> None:
@@ -608,6 +607,11 @@ def _has_table(conn: sqlite3.Connection, name: str) -> bool:
     return row is not None
 
 
+def _refuse_compressed(path: Path) -> None:
+    """A gzip-compressed DB (`.gz`) is only ever read: writing to one is a UserError."""
+    raise UserError(f"{path}: a compressed DB is read-only; gunzip it to write to it")
+
+
 def _open_compressed(path: Path) -> sqlite3.Connection:
     """A read-only in-memory connection to the gzip-compressed DB at `path`."""
     try:
@@ -750,6 +754,8 @@ def upgrade(path: str | Path) -> tuple[int, int]:
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such latency DB")
+    if path.suffix == ".gz":
+        _refuse_compressed(path)
     _check_header(path)
     conn = sqlite3.connect(path, timeout=60.0, isolation_level=None)
     conn.row_factory = sqlite3.Row

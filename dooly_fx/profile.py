@@ -369,7 +369,7 @@ def savings(db: LatencyDB, env: str, engine: str, models: Sequence[str] | None =
                             "profile it there first")
         union |= sigs
         per_model.append({"model": model, "signatures": sorted(sigs),
-                          "device_seconds_alone": sum(spent.get(s, 0.0) for s in sigs),
+                          "device_seconds_alone": sum(spent.get(s, 0.0) for s in sorted(sigs)),
                           "unprofiled_signatures": sorted(s for s in sigs if s not in spent)})
     owners: dict[str, int] = {}
     for m in per_model:
@@ -380,9 +380,10 @@ def savings(db: LatencyDB, env: str, engine: str, models: Sequence[str] | None =
         m["unique_signatures"] = len(m.pop("signatures"))
         m["unprofiled_signatures"] = len(m["unprofiled_signatures"])
     alone = sum(m["device_seconds_alone"] for m in per_model)
-    dedup = sum(spent.get(s, 0.0) for s in union)
+    # Summed in a fixed order: the same DB gives the same report, to the last digit.
+    dedup = sum(spent.get(s, 0.0) for s in sorted(union))
     by_kind: dict[str, dict] = {}
-    for sig in union:  # where the time goes, and how much each kind is shared
+    for sig in sorted(union):  # where the time goes, and how much each kind is shared
         row = by_kind.setdefault(db.signature(sig)["kind"], {
             "signatures": 0, "model_uses": 0, "device_seconds_dedup": 0.0,
             "device_seconds_alone": 0.0})

@@ -21,7 +21,8 @@ sum over layers gives back our step total:
 | emb | embedding (and Gemma's embedding scale), per call |
 | input_layernorm | norm: `input_layernorm` |
 | attn_pre_proj | gemm: `self_attn.{q,k,v,qkv}_proj`, norm: `self_attn.{q,k}_norm` |
-| attn_rope | rotary, when captured apart (else it is inside the attention unit); the |
+| attn_rope | rotary, where its latency depends on the token count alone (a paged     |
+|           | capture; a padded one's is per (B, S): an attention-side unit, below); the |
 |           | elementwise unit `self_attn:model` (the rotary of a paged capture whose     |
 |           | partition skipped transformers' frames, passes/README.md rule 3)           |
 | attn_post_proj | gemm: `self_attn.o_proj` |
@@ -38,9 +39,9 @@ sum over layers gives back our step total:
 | not exported | LM head, final norm, other once-per-step token units |
 
 Attention-side units are those whose latency depends on more than the token count: the
-attention unit (with the rotary and cache copy the padded engine fuses into it), masks, the
-paged engine's cache write, and the rotary cos/sin table (once per step, spread over the layers
-like every op but `emb`).
+attention unit, the rotary and cache copy of a padded capture (their latency is per (B, S)),
+masks, the paged engine's cache write, and the rotary cos/sin table (once per step, spread
+over the layers like every op but `emb`).
 
 Every row is predicted at the request values of the profile's own engine (`batch_values`): a
 padded profile at (B, S, P), a paged one (`--engine paged`) at (T, N, P) with T = N for a

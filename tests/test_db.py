@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from dooly_fx.db import MAX_ATTEMPTS, LatencyDB, Timing, canonical_point
+from dooly_fx.db import MAX_ATTEMPTS, LatencyDB, Timing, canonical_point, upgrade
 from dooly_fx.errors import UserError
 
 ENV = "env-fingerprint"
@@ -62,8 +62,11 @@ def test_a_gzipped_db_opens_read_only_in_memory_and_bad_ones_are_one_line_errors
         assert db.ok_points(ENV, SIG) == [({"m": 1}, 1.5)]
         with pytest.raises(sqlite3.OperationalError, match="readonly"):
             db.conn.execute("DELETE FROM points")
-    with pytest.raises(UserError, match="compressed DB is read-only; gunzip it"):
-        LatencyDB.open(packed, create=False)
+    with LatencyDB.open_existing_or_empty(packed) as db:  # plan's way in: it only reads
+        assert db.ok_points(ENV, SIG) == [({"m": 1}, 1.5)]
+    for write in (lambda: LatencyDB.open(packed, create=False), lambda: upgrade(packed)):
+        with pytest.raises(UserError, match="compressed DB is read-only; gunzip it"):
+            write()
     assert packed.read_bytes() == before
     for name, content, message in [
             ("junk.db.gz", b"not gzip", "not a gzip-compressed dooly_fx latency DB"),
