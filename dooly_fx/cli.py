@@ -14,7 +14,16 @@ from contextlib import contextmanager
 from rich.markup import escape
 from rich.table import Table
 
-from dooly_fx.cli_args import add_verb, collect_models, engine_args
+from dooly_fx.cli_args import (
+    OneLineErrors,
+    add_verb,
+    check_paths,
+    collect_models,
+    engine_args,
+    non_negative_float,
+    positive_float,
+    positive_int,
+)
 from dooly_fx.db import DEFAULT_TIMER, TIMERS
 from dooly_fx.engine import PHASES, EngineProfile
 from dooly_fx.errors import UserError
@@ -185,6 +194,8 @@ def cmd_profile(args: argparse.Namespace) -> None:
                            "nothing to profile")
         if before["missing_points"] == 0 and before["missing_sustained"] == 0:
             record_models(db, coll, env)  # this machine's capture of their units
+            if args.json:
+                _write_json(args.json, before)
             return
         if before["missing_sustained"]:
             _out.print(f"{before['missing_sustained']} measured signatures are not yet timed "
@@ -375,21 +386,25 @@ def cmd_forget(args: argparse.Namespace) -> None:
     with LatencyDB.open(args.db, create=False) as db:
         env = _environment(db, args.device)["fingerprint"]
         sigs: set[str] = set()
+        kinds: set[str] = set()
         for ref in args.models:
             units = db.model_units(model_name(db, ref), env, engine)
             if not units:
                 raise UserError(f"{ref}: not profiled for {engine} in {args.db}")
-            sigs |= {u["signature"] for u in units
-                     if db.signature(u["signature"])["kind"] in args.kind}
-        if not sigs:
-            raise UserError(f"no unit of kind {', '.join(args.kind)} in {', '.join(args.models)}")
+            for u in units:
+                kinds.add(kind := db.signature(u["signature"])["kind"])
+                if kind in args.kind:
+                    sigs.add(u["signature"])
+        if unknown := sorted(set(args.kind) - kinds):
+            raise UserError(f"no unit of kind {', '.join(unknown)} in {', '.join(args.models)} "
+                            f"(their kinds: {', '.join(sorted(kinds))})")
         marked = db.forget(env, sorted(sigs), f"forgotten: measure again ({' '.join(sys.argv)})")
     print(f"{marked} points of {len(sigs)} signatures will be measured again by the next "
           f"profile of {' '.join(args.models)}")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrors(
         prog="python -m dooly_fx",
         description="Predict LLM serving latency from symbolic captures and per-op profiles.")
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -416,9 +431,11 @@ def _parser() -> argparse.ArgumentParser:
         verb.add_argument("models", nargs="+", metavar="MODEL")
         verb.add_argument("--db", required=True, metavar="FILE", help="latency DB (SQLite)")
         verb.add_argument("--device", default="cuda", choices=("cpu", "cuda"))
-        verb.add_argument("--max-tokens", type=int, default=16384, help="new tokens per step")
-        verb.add_argument("--max-seqs", type=int, default=256, help="sequences per step")
-        verb.add_argument("--max-context", type=int, default=32768,
+        verb.add_argument("--max-tokens", type=positive_int, default=16384,
+                          help="new tokens per step")
+        verb.add_argument("--max-seqs", type=positive_int, default=256,
+                          help="sequences per step")
+        verb.add_argument("--max-context", type=positive_int, default=32768,
                           help="cached + new tokens of one sequence")
         verb.add_argument("--adaptive", action="store_true",
                           help="one-variable sweeps: every other grid value, the rest only "
@@ -434,9 +451,9 @@ def _parser() -> argparse.ArgumentParser:
         if name == "profile":
             verb.add_argument("--devices", metavar="IDS",
                               help="GPU indices, one profiler process each (e.g. 0,1,2,3)")
-            verb.add_argument("--warmup-ms", type=float, default=25.0,
+            verb.add_argument("--warmup-ms", type=non_negative_float, default=25.0,
                               help="warm-up budget per point")
-            verb.add_argument("--rep-ms", type=float, default=100.0,
+            verb.add_argument("--rep-ms", type=positive_float, default=100.0,
                               help="timed repetitions budget per point (>= 10 samples)")
             verb.add_argument("--refresh-host", action="store_true",
                               help="instead of profiling: measure the host time again, beside "
@@ -475,6 +492,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.code or 0)
     func: Callable[[argparse.Namespace], None] = args.func
     try:
+        check_paths(args)
         func(args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

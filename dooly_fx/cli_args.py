@@ -4,11 +4,102 @@
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable
+from pathlib import Path
 
 from dooly_fx.db import SHIPPED_DB, LatencyDB
 from dooly_fx.engine import ATTN_IMPLS, ENGINES
-from dooly_fx.errors import positive_number
+from dooly_fx.errors import UserError, positive_number
+
+
+class OneLineErrors(argparse.ArgumentParser):
+    """A parser (and its verbs' parsers) whose usage errors are one line, as every other
+    user error: `error: ...`, exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (`{self.prog} --help` lists the options)\n")
+
+
+INPUT_FILES = ("db", "trace", "measured")
+"""Options (argparse dests) naming files a verb reads."""
+OUTPUT_FILES = ("json", "chrome_trace", "plot")
+"""Options naming files a verb writes (replacing them)."""
+OUTPUT_FOLDERS = ("html", "out")
+"""Options naming folders a verb writes into (made if missing)."""
+PLOT_SUFFIXES = (".png", ".svg", ".pdf")
+
+
+def check_paths(args: argparse.Namespace) -> None:
+    """Refuse, before any work, an output that would replace one of the verb's inputs (a
+    `--json` onto its `--db`), or that cannot be written: a folder where a file goes, a
+    missing folder, a file where a folder goes, a plot format matplotlib is not asked for."""
+    flag = {k: "--" + k.replace("_", "-") for k in (*INPUT_FILES, *OUTPUT_FILES,
+                                                    *OUTPUT_FOLDERS)}
+    inputs = {Path(v).resolve(): flag[k] for k in INPUT_FILES if (v := getattr(args, k, None))}
+    for key in OUTPUT_FILES:
+        value = getattr(args, key, None)
+        if value is None:
+            continue
+        path = Path(value)
+        if not value or path.is_dir():
+            raise UserError(f"{flag[key]} {value!r}: give a file name, not a folder")
+        if path.resolve() in inputs:
+            raise UserError(f"{flag[key]} {value} is the file given to "
+                            f"{inputs[path.resolve()]}; write to another file")
+        if not path.parent.is_dir():
+            why = "is not a folder" if path.parent.exists() else "does not exist"
+            raise UserError(f"cannot write {value}: {path.parent} {why}")
+        if key == "plot" and path.suffix.lower() not in PLOT_SUFFIXES:
+            raise UserError(f"--plot {value}: name a {', '.join(PLOT_SUFFIXES)} file")
+    for key in OUTPUT_FOLDERS:
+        value = getattr(args, key, None)
+        if value is not None and (not value or Path(value).exists()
+                                  and not Path(value).is_dir()):
+            raise UserError(f"{flag[key]} {value!r}: not a folder")
+
+
+def check_measured(path: str, saved: dict, model: str, engine: str) -> None:
+    """A UserError where a saved measurement (`--measured`) is of another model or engine
+    than the one asked for: its predictions would be compared with the wrong steps."""
+    if saved.get("model", model) != model:
+        raise UserError(f"{path}: a measurement of {saved['model']}, not {model}")
+    if saved.get("engine", engine) != engine:
+        raise UserError(f"{path}: measured on {saved['engine']}, not {engine}; give the "
+                        "options it was measured with")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    return _number(text, int, 1, "a positive integer")
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    return _number(text, int, 0, "an integer >= 0")
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    value = _number(text, float, 0.0, "a positive number")
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite number >= 0."""
+    return _number(text, float, 0.0, "a number >= 0")
+
+
+def _number(text: str, kind: type, least: float, what: str):
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or not math.isfinite(value) or value < least:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    return value
 
 
 def add_verb(verbs, name: str, func: Callable[[argparse.Namespace], None],
@@ -72,4 +163,7 @@ def host_probe_arg(text: str | None) -> float | None:
         return None
     if text == "here":
         return host_probe_ms(21)
-    return positive_number(text, "--host-probe", "a positive time in ms, nor 'here'")
+    value = positive_number(text, "--host-probe", "a positive time in ms, nor 'here'")
+    if math.isinf(value):
+        raise UserError(f"--host-probe: {text!r} is not a positive time in ms, nor 'here'")
+    return value

@@ -10,16 +10,20 @@ from rich.table import Table
 
 from dooly_fx.cli_args import (
     add_verb,
+    check_measured,
     collect_models,
     db_option,
     engine_args,
     host_probe_arg,
     host_probe_option,
+    non_negative_float,
     open_db,
+    positive_int,
 )
 from dooly_fx.db import LatencyDB
 from dooly_fx.engine import EngineProfile
 from dooly_fx.errors import UserError
+from dooly_fx.hostinfo import require_device
 from dooly_fx.ui import out, progress, write_json
 
 
@@ -51,6 +55,8 @@ def model_name(db: LatencyDB, ref: str) -> str:
     try:
         return resolve_model(ref).name
     except UserError:
+        if Path(ref).exists():
+            raise  # a config or folder that is not a model: say why
         return ref  # not a model anywhere: `load` says what the DB has
 
 
@@ -247,11 +253,13 @@ def cmd_validate_steps(args: argparse.Namespace) -> None:
                                         if k in s}) for s in old["steps"]]
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise UserError(f"{args.measured}: not a validate-steps JSON ({exc})") from None
+        check_measured(args.measured, old, name, engine.label)
         measured_on = old.get("measured_on")
     else:
-        steps = args.steps.split(";") if args.steps else \
+        steps = args.steps.split(";") if args.steps is not None else \
             list(PAGED_STEPS if engine.engine == "paged" else STANDARD_STEPS)
         device = "cuda" if args.device == "cuda" else "cpu"
+        require_device(device)
         with progress() as bar:
             task = bar.add_task(f"steps · {spec.name}", total=len(steps))
             measured = measure_steps(spec, engine, steps, device, reps=args.reps,
@@ -264,6 +272,7 @@ def cmd_validate_steps(args: argparse.Namespace) -> None:
     if args.fidelity:
         from dooly_fx.validate import unit_fidelity
 
+        require_device(args.device)
         rows = unit_fidelity(spec, engine, loaded, args.fidelity.split(";"),
                              "cuda" if args.device == "cuda" else "cpu")
         errors = sorted(abs(r["error"]) for r in rows if r["error"] is not None)
@@ -393,13 +402,14 @@ def add_verbs(verbs) -> None:
         if name == "predict":
             verb.add_argument("--batch", required=True,
                               help="e.g. prefill:2x512 or decode:30x1024 or mixed:2x256+1024")
-            verb.add_argument("--skew", type=float, default=0.0,
+            verb.add_argument("--skew", type=non_negative_float, default=0.0,
                               help="MoE routing skew (Zipf exponent; 0 = uniform)")
             host_probe_option(verb)
         else:
             verb.add_argument("--steps", metavar="SPECS",
                               help="';'-separated batch specs (default: a standard set)")
-            verb.add_argument("--reps", type=int, default=10, help="timed repetitions per step")
+            verb.add_argument("--reps", type=positive_int, default=10,
+                              help="timed repetitions per step")
             verb.add_argument("--fidelity", metavar="SPECS",
                               help="';'-separated steps at which to compare each leaf unit's "
                                    "prediction with its kernels' time inside the real step")

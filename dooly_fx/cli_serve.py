@@ -16,7 +16,10 @@ from dooly_fx.cli_args import (
     engine_args,
     host_probe_arg,
     host_probe_option,
+    non_negative_int,
     open_db,
+    positive_float,
+    positive_int,
 )
 from dooly_fx.db import LatencyDB
 from dooly_fx.errors import UserError, positive_number
@@ -24,6 +27,7 @@ from dooly_fx.ui import err, out, progress, write_json
 
 PRESET_NAMES = ("transformers", "transformers-prefill-first", "vllm")
 DEFAULT_SYNTHETIC_REQUESTS = 1000
+DEFAULT_MEMORY_FRACTION = 0.9
 
 
 def _loaded(db: LatencyDB, args: argparse.Namespace):
@@ -56,12 +60,15 @@ def _requests(args: argparse.Namespace, qps: float | None = None) -> tuple[list,
         if len(rates) > 1:
             raise UserError(f"--qps {args.qps}: give one rate here (simulate sweeps several)")
         qps = rates[0]
+    if args.cv is not None and args.arrival != "gamma":
+        raise UserError("--cv shapes gamma arrivals; add --arrival gamma")
     n = args.num_requests or DEFAULT_SYNTHETIC_REQUESTS
-    reqs = synthetic(n, qps, args.arrival, args.cv, LengthDist.parse(args.prompt),
+    cv = 1.0 if args.cv is None else args.cv
+    reqs = synthetic(n, qps, args.arrival, cv, LengthDist.parse(args.prompt),
                      LengthDist.parse(args.output), args.seed)
     return reqs, {"source": "synthetic", "num_requests": n,
                   "qps": None if math.isinf(qps) else qps, "arrival": args.arrival,
-                  "cv": args.cv, "prompt": args.prompt, "output": args.output, "seed": args.seed}
+                  "cv": cv, "prompt": args.prompt, "output": args.output, "seed": args.seed}
 
 
 def _scheduler(args: argparse.Namespace, db: LatencyDB, env: dict, loaded):
@@ -80,6 +87,8 @@ def _scheduler(args: argparse.Namespace, db: LatencyDB, env: dict, loaded):
     if cfg.policy.startswith("transformers"):  # its cache's layer groups share the blocks
         cfg = replace(cfg, **cache_layout(loaded.config))
     if args.num_blocks is not None:
+        if args.gpu_memory_fraction is not None:
+            raise UserError("give --num-blocks or --gpu-memory-fraction, not both")
         cfg = replace(cfg, num_blocks=args.num_blocks)
         return cfg, {"source": "--num-blocks", "num_blocks": cfg.num_blocks,
                      "block_size": cfg.block_size, "tokens": cfg.num_pages}
@@ -87,7 +96,8 @@ def _scheduler(args: argparse.Namespace, db: LatencyDB, env: dict, loaded):
     if not memory:
         raise UserError(f"environment {env['device']} records no GPU memory size; pass "
                         "--num-blocks")
-    sizing = size_kv_cache(loaded.model, float(memory) * 2**30, args.gpu_memory_fraction,
+    fraction = args.gpu_memory_fraction or DEFAULT_MEMORY_FRACTION
+    sizing = size_kv_cache(loaded.model, float(memory) * 2**30, fraction,
                            loaded_weight_bytes(db, loaded),
                            kv_bytes_per_token(loaded.config, args.dtype), cfg.block_size,
                            cfg.full_groups + cfg.sliding_groups)
@@ -356,16 +366,6 @@ def cmd_export_vidur(args: argparse.Namespace) -> None:
                                "mapping": export.mapping, "not_exported": export.skipped})
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
 def _workload_args(parser: argparse.ArgumentParser, required: bool) -> None:
     work = parser.add_argument_group("workload (one of --trace, --qps)")
     source = work.add_mutually_exclusive_group(required=required)
@@ -374,7 +374,7 @@ def _workload_args(parser: argparse.ArgumentParser, required: bool) -> None:
     source.add_argument("--qps", metavar="X[,X...]",
                         help="synthetic arrivals at this mean rate (inf: all at once); "
                              "simulate takes several, comma-separated, and sweeps them")
-    work.add_argument("--num-requests", type=_positive_int, metavar="N",
+    work.add_argument("--num-requests", type=positive_int, metavar="N",
                       help=f"first N trace rows; synthetic: N requests "
                            f"(default {DEFAULT_SYNTHETIC_REQUESTS})")
     work.add_argument("--prompt", default="uniform:128:1024", metavar="DIST",
@@ -382,9 +382,9 @@ def _workload_args(parser: argparse.ArgumentParser, required: bool) -> None:
     work.add_argument("--output", default="128", metavar="DIST",
                       help="synthetic output lengths (same forms; default 128)")
     work.add_argument("--arrival", default="poisson", choices=("poisson", "gamma"))
-    work.add_argument("--cv", type=float, default=1.0,
-                      help="gamma arrivals: coefficient of variation of the gaps")
-    work.add_argument("--seed", type=int, default=0)
+    work.add_argument("--cv", type=positive_float,
+                      help="gamma arrivals: coefficient of variation of the gaps (default 1)")
+    work.add_argument("--seed", type=non_negative_int, default=0)
 
 
 def add_verbs(verbs) -> None:
@@ -401,13 +401,14 @@ def add_verbs(verbs) -> None:
     sched = sim.add_argument_group("scheduler")
     sched.add_argument("--policy", default="transformers", choices=PRESET_NAMES,
                        help="scheduler preset (default: transformers)")
-    sched.add_argument("--max-batch-tokens", type=_positive_int, metavar="N")
-    sched.add_argument("--max-seqs", type=_positive_int, metavar="N")
-    sched.add_argument("--block-size", type=_positive_int, metavar="N")
-    sched.add_argument("--num-blocks", type=_positive_int, metavar="N",
+    sched.add_argument("--max-batch-tokens", type=positive_int, metavar="N")
+    sched.add_argument("--max-seqs", type=positive_int, metavar="N")
+    sched.add_argument("--block-size", type=positive_int, metavar="N")
+    sched.add_argument("--num-blocks", type=positive_int, metavar="N",
                        help="KV-cache blocks (default: sized from GPU memory)")
-    sched.add_argument("--gpu-memory-fraction", type=float, default=0.9, metavar="F",
-                       help="share of GPU memory for weights + KV cache (default 0.9)")
+    sched.add_argument("--gpu-memory-fraction", type=positive_float, metavar="F",
+                       help="share of GPU memory for weights + KV cache (default "
+                            f"{DEFAULT_MEMORY_FRACTION})")
     sim.add_argument("--slo", action="append", metavar="METRIC:STAT:SECONDS",
                      help="latency objective, e.g. ttft:p90:0.5 (repeatable; metric ttft, tpot, "
                           "e2e or queueing; stat p50, p90, p99, mean or max)")
@@ -422,10 +423,10 @@ def add_verbs(verbs) -> None:
     vid.add_argument("--device", default="cuda", choices=("cpu", "cuda"))
     engine_args(vid)
     vid.add_argument("--out", required=True, metavar="DIR", help="folder for the two CSVs")
-    vid.add_argument("--max-tokens", type=_positive_int, default=4096, metavar="N",
+    vid.add_argument("--max-tokens", type=positive_int, default=4096, metavar="N",
                      help="largest num_tokens and context (Vidur's max_model_len; default 4096)")
-    vid.add_argument("--max-batch-size", type=_positive_int, default=128, metavar="N",
+    vid.add_argument("--max-batch-size", type=positive_int, default=128, metavar="N",
                      help="largest decode batch in attention.csv (default 128)")
-    vid.add_argument("--block-size", type=_positive_int, default=16, metavar="N",
+    vid.add_argument("--block-size", type=positive_int, default=16, metavar="N",
                      help="block_size column; must match Vidur's scheduler (default 16)")
     vid.add_argument("--json", metavar="FILE", help="write what was exported as JSON")

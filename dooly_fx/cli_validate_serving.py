@@ -10,16 +10,23 @@ from pathlib import Path
 
 from rich.table import Table
 
-from dooly_fx.cli_args import add_verb, db_option, open_db
+from dooly_fx.cli_args import (
+    add_verb,
+    check_measured,
+    db_option,
+    open_db,
+    positive_float,
+    positive_int,
+)
 from dooly_fx.cli_serve import (
     _ms,
-    _positive_int,
     _pyplot,
     _requests,
     _workload_args,
 )
 from dooly_fx.db import SHIPPED_DB, LatencyDB
 from dooly_fx.errors import UserError
+from dooly_fx.hostinfo import require_device
 from dooly_fx.ui import out, progress, write_json
 
 
@@ -40,8 +47,6 @@ def _serving_workload(args: argparse.Namespace) -> tuple[list, dict]:
     from dooly_fx.workload import Request
 
     reqs, workload = _requests(args)
-    if args.speedup <= 0:
-        raise UserError(f"--speedup must be positive, got {args.speedup}")
     reqs = [Request(r.id, r.arrival_s / args.speedup,
                     min(r.prompt_tokens, args.max_prompt or r.prompt_tokens),
                     min(r.output_tokens, args.max_output or r.output_tokens)) for r in reqs]
@@ -74,11 +79,17 @@ def cmd_validate_serving(args: argparse.Namespace) -> None:
         name = model_name(db, args.model)
         loaded = _serving_engine(db, name, env, args.attn, args.dtype)
     if args.measured:
+        if args.trace is not None or args.qps is not None:
+            raise UserError("--measured replays the saved run's own requests; drop "
+                            "--trace / --qps")
         try:
             old = json.loads(Path(args.measured).read_text())
             served = Served.from_json(old["measured"])
-        except (OSError, ValueError, KeyError, TypeError, UserError) as exc:
+        except (OSError, ValueError, KeyError, TypeError) as exc:
             raise UserError(f"{args.measured}: not a validate-serving JSON ({exc})") from None
+        except UserError as exc:
+            raise UserError(f"{args.measured}: {exc}") from None
+        check_measured(args.measured, old, name, f"paged|{args.attn}|{args.dtype}")
         workload = old.get("workload", {})
     else:
         if args.trace is None and args.qps is None:
@@ -87,6 +98,7 @@ def cmd_validate_serving(args: argparse.Namespace) -> None:
         spec = model_spec(args.model, name, loaded.config, f"{args.db or SHIPPED_DB}: {name}")
         engine = EngineProfile(engine="paged", attn_impl=args.attn, dtype=args.dtype)
         device = "cuda" if args.device == "cuda" else "cpu"
+        require_device(device)
         with progress() as bar:
             task = bar.add_task(f"serving {len(reqs)} requests · {spec.name} · paged|{args.attn}",
                                 total=len(reqs))
@@ -219,20 +231,20 @@ def add_verbs(verbs) -> None:
                      help="the engine's paged|<attn> attention (default sdpa)")
     val.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     _workload_args(val, required=False)
-    val.add_argument("--speedup", type=float, default=1.0, metavar="F",
+    val.add_argument("--speedup", type=positive_float, default=1.0, metavar="F",
                      help="divide arrival times by F (default 1)")
-    val.add_argument("--max-prompt", type=_positive_int, metavar="N", help="clip prompts to N")
-    val.add_argument("--max-output", type=_positive_int, metavar="N", help="clip outputs to N")
+    val.add_argument("--max-prompt", type=positive_int, metavar="N", help="clip prompts to N")
+    val.add_argument("--max-output", type=positive_int, metavar="N", help="clip outputs to N")
     eng = val.add_argument_group("engine (default: as transformers sizes it)")
-    eng.add_argument("--max-batch-tokens", type=_positive_int, metavar="N")
-    eng.add_argument("--max-seqs", type=_positive_int, metavar="N")
-    eng.add_argument("--block-size", type=_positive_int, metavar="N",
+    eng.add_argument("--max-batch-tokens", type=positive_int, metavar="N")
+    eng.add_argument("--max-seqs", type=positive_int, metavar="N")
+    eng.add_argument("--block-size", type=positive_int, metavar="N",
                      help="default: transformers' (256)")
-    eng.add_argument("--num-blocks", type=_positive_int, metavar="N")
+    eng.add_argument("--num-blocks", type=positive_int, metavar="N")
     eng.add_argument("--gc", default="on", choices=("on", "off"),
                      help="Python's garbage collector while serving (default on, as the engine "
                           "runs; off separates its pauses from the engine's work)")
-    val.add_argument("--time-limit", type=float, default=600.0, metavar="S",
+    val.add_argument("--time-limit", type=positive_float, default=600.0, metavar="S",
                      help="stop serving S seconds after the last arrival (default 600)")
     val.add_argument("--measured", metavar="FILE",
                      help="re-compare the measurement of a saved validate-serving JSON")

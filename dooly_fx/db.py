@@ -223,13 +223,15 @@ class LatencyDB:
         (`.gz`, as `SHIPPED_DB`) is read into memory; it opens only `readonly`.
         """
         path = Path(path)
+        _refuse_folder(path)
         if path.suffix == ".gz":
             if not readonly:
                 _refuse_compressed(path)
             return cls(path, _open_compressed(path))
         exists = path.exists() and path.stat().st_size > 0
         if not exists and (not create or readonly):
-            raise UserError(f"{path}: no such latency DB")
+            raise UserError(f"{path}: " + ("an empty file, not a latency DB" if path.exists()
+                                           else "no such latency DB"))
         if exists:
             _check_header(path)
         if readonly:
@@ -409,12 +411,14 @@ class LatencyDB:
                 for sig in signatures)
 
     def release(self, env: str, signature: str, points: Sequence[str]) -> None:
-        """Give back claims this process did not finish (an interrupted profile)."""
+        """Give back claims this process did not finish (an interrupted profile): a point
+        never measured goes; one with an earlier timing (`forget`) keeps it, to be measured
+        again."""
         with _transaction(self.conn, immediate=True):
             self.conn.executemany(
                 "DELETE FROM points WHERE signature = ? AND env = ? AND point = ? "
-                "AND status = 'claimed' AND claimed_by = ? AND attempts = 0",
-                [(signature, env, p, _owner()) for p in points])
+                "AND status = 'claimed' AND claimed_by = ? AND attempts = 0 "
+                "AND median_ms IS NULL", [(signature, env, p, _owner()) for p in points])
             self.conn.executemany(
                 "UPDATE points SET status = 'failed', claimed_by = NULL "
                 "WHERE signature = ? AND env = ? AND point = ? AND status = 'claimed' "
@@ -607,6 +611,11 @@ def _has_table(conn: sqlite3.Connection, name: str) -> bool:
     return row is not None
 
 
+def _refuse_folder(path: Path) -> None:
+    if path.is_dir():
+        raise UserError(f"{path}: a folder, not a latency DB")
+
+
 def _refuse_compressed(path: Path) -> None:
     """A gzip-compressed DB (`.gz`) is only ever read: writing to one is a UserError."""
     raise UserError(f"{path}: a compressed DB is read-only; gunzip it to write to it")
@@ -668,7 +677,11 @@ def _check_schema(conn: sqlite3.Connection, path: Path,
         raise UserError(f"{path}: corrupt latency DB ({exc})") from exc
     if meta.get("app") != APP_ID:
         raise UserError(f"{path}: an SQLite file, but not a dooly_fx latency DB")
-    version = int(meta.get("schema_version", 0))
+    try:
+        version = int(meta.get("schema_version", 0))
+    except ValueError:
+        raise UserError(f"{path}: corrupt latency DB (schema version "
+                        f"{meta['schema_version']!r})") from None
     if version not in versions:
         if version in _UPGRADES:
             raise UserError(f"{path}: an older latency DB schema (v{version}); upgrade it with "
@@ -754,6 +767,9 @@ def upgrade(path: str | Path) -> tuple[int, int]:
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such latency DB")
+    _refuse_folder(path)
+    if path.stat().st_size == 0:
+        raise UserError(f"{path}: an empty file, not a latency DB")
     if path.suffix == ".gz":
         _refuse_compressed(path)
     _check_header(path)

@@ -20,6 +20,16 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine() or "cpu"
 
 
+def require_device(device: str) -> None:
+    """A UserError where `device` is CUDA and this machine has none (before any work)."""
+    import torch
+
+    from dooly_fx.errors import UserError
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: no CUDA device on this machine")
+
+
 def machine(device: str) -> dict:
     """What a measurement ran on: the device's name, torch and transformers versions."""
     import torch

@@ -23,6 +23,7 @@ a step whose attention shape is new to it also pays the attention's per-shape se
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import time
@@ -266,8 +267,10 @@ def load(db: LatencyDB, model: str, env: str, engine: str) -> Loaded:
             raise UserError(f"{model}: not profiled in this environment under engine {engine} "
                             f"(its engines: {', '.join(engines)})")
         known = sorted({m["name"] for m in db.models(env)})
+        close = difflib.get_close_matches(model, known, n=3)
+        hint = f"; did you mean: {', '.join(close)}?" if close else ""
         raise UserError(f"{model}: not profiled in this environment under engine {engine} "
-                        f"(profiled: {', '.join(known) or 'none'})")
+                        f"(profiled: {', '.join(known) or 'none'}){hint}")
     config = next(m["config"] for m in db.models(env, engine) if m["name"] == model)
     return from_units(db, model, env, engine, rows, config)
 

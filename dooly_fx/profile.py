@@ -38,7 +38,7 @@ from dooly_fx.db import (
 from dooly_fx.engine import EngineProfile
 from dooly_fx.errors import UserError
 from dooly_fx.fused import fused_signature
-from dooly_fx.hostinfo import cpu_name
+from dooly_fx.hostinfo import cpu_name, require_device
 from dooly_fx.lowering import Runnable, UnitCase, lower
 from dooly_fx.names import ENGINE_PREPARE_ROLE, FORWARD_HOST_ROLE, HOST_KINDS, SHAPE_BUILD_SUFFIX
 from dooly_fx.paged import release_models
@@ -205,8 +205,7 @@ def environment(device: str, timer: str = DEFAULT_TIMER) -> Env:
         "transformers": transformers.__version__, "timing_version": TIMING_VERSION,
     }
     if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda: no CUDA device on this machine")
+        require_device(device)
         index = torch.device(device).index or 0
         props = torch.cuda.get_device_properties(index)
         info.update(device=props.name, capability=f"{props.major}.{props.minor}",

@@ -58,6 +58,10 @@ forms them, sequences of different lengths in one step (decodes at several cache
 a prefill or a prefill chunk beside decodes; odd key counts)."""
 
 
+MAX_BATCH_SEQUENCES = 1 << 20
+"""The most sequences a batch spec may hold (a list entry each)."""
+
+
 def parse_batch(text: str) -> list[tuple[int, int]]:
     """A batch spec to (new, cached) per sequence. Items, comma-separated, concatenate:
     `prefill:BxS` (B sequences of S new tokens), `decode:BxP` (B sequences, 1 new token,
@@ -72,6 +76,9 @@ def parse_batch(text: str) -> list[tuple[int, int]]:
             match.group(4)
         if b < 1 or n < 1:
             raise UserError(f"bad batch item '{item}': counts must be >= 1")
+        if len(batch) + b > MAX_BATCH_SEQUENCES:
+            raise UserError(f"bad batch item '{item}': more than {MAX_BATCH_SEQUENCES} "
+                            "sequences in one step")
         if phase == "decode":
             if cached is not None:
                 raise UserError(f"bad batch item '{item}': decode:BxP takes no +")

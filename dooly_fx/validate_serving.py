@@ -24,7 +24,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
@@ -101,6 +101,27 @@ class EngineStep:
         return list(zip(self.new, self.cached, strict=True))
 
 
+def _check_numbers(row: ServedRequest | EngineStep, where: str) -> None:
+    """A UserError where a field of a measurement read back from JSON is not the number (or
+    list of integers) its annotation says."""
+    for f in fields(row):
+        value, kind = getattr(row, f.name), str(f.type)
+        if kind == "list[int]":
+            ok = isinstance(value, list) and all(_is_number(v, int) for v in value)
+        elif kind.startswith(("int", "float")):
+            ok = _is_number(value, int if kind.startswith("int") else (int, float)) or (
+                value is None and "None" in kind)
+        else:
+            continue
+        if not ok:
+            raise UserError(f"not a validate-serving measurement ({where}.{f.name} is "
+                            f"{value!r}, not {kind})")
+
+
+def _is_number(value, kinds) -> bool:
+    return isinstance(value, kinds) and not isinstance(value, bool)
+
+
 @dataclass
 class Served:
     """A measured serving run: settings, requests and steps (JSON round-trip)."""
@@ -125,7 +146,7 @@ class Served:
     @staticmethod
     def from_json(data: dict) -> Served:
         try:
-            return Served(
+            served = Served(
                 model=data["model"], engine=data["engine"], settings=data["settings"],
                 machine=data["machine"],
                 requests=[ServedRequest(**r) for r in data["requests"]],
@@ -134,6 +155,10 @@ class Served:
                 allocator=data.get("allocator", {}))
         except (KeyError, TypeError) as exc:
             raise UserError(f"not a validate-serving measurement ({exc!r})") from None
+        for kind, rows in (("requests", served.requests), ("steps", served.steps)):
+            for i, row in enumerate(rows):
+                _check_numbers(row, f"{kind}[{i}]")
+        return served
 
     @property
     def host_probe_ms(self) -> float | None:

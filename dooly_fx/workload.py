@@ -11,6 +11,7 @@ request asks for at least one output token.
 from __future__ import annotations
 
 import csv
+import io
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -48,33 +49,34 @@ def read_trace(path: str | Path, num_requests: int | None = None) -> list[Reques
     if num_requests is not None and num_requests < 1:
         raise UserError(f"number of requests must be positive, got {num_requests}")
     try:
-        fh = path.open(newline="")
+        text = path.read_text()
     except OSError as err:
         raise UserError(f"{path}: cannot read trace: {err.strerror}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a CSV trace (not UTF-8 text)") from None
     rows: list[tuple[float, int, int]] = []
-    with fh:
-        reader = csv.reader(fh)
-        header = next(reader, None)
-        if header is None:
-            raise UserError(f"{path}: empty trace (no header, no requests)")
-        names = [h.strip() for h in header]
-        missing = [c for c in TRACE_COLUMNS if c not in names]
-        if missing:
-            raise UserError(f"{path}:1: missing column(s) {', '.join(missing)} "
-                            f"(need {', '.join(TRACE_COLUMNS)})")
-        cols = [names.index(c) for c in TRACE_COLUMNS]
-        for row in reader:
-            line = reader.line_num
-            if not row or all(not cell.strip() for cell in row):
-                continue
-            if len(row) <= max(cols):
-                raise UserError(f"{path}:{line}: expected {len(names)} fields, got {len(row)}")
-            t, prompt, output = (row[c].strip() for c in cols)
-            arrival = _number(path, line, "arrived_at", t)
-            if arrival < 0:
-                raise UserError(f"{path}:{line}: arrived_at is negative ({t})")
-            rows.append((arrival, _count(path, line, "num_prefill_tokens", prompt),
-                         _count(path, line, "num_decode_tokens", output)))
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header = next(reader, None)
+    if header is None:
+        raise UserError(f"{path}: empty trace (no header, no requests)")
+    names = [h.strip() for h in header]
+    missing = [c for c in TRACE_COLUMNS if c not in names]
+    if missing:
+        raise UserError(f"{path}:1: missing column(s) {', '.join(missing)} "
+                        f"(need {', '.join(TRACE_COLUMNS)})")
+    cols = [names.index(c) for c in TRACE_COLUMNS]
+    for row in reader:
+        line = reader.line_num
+        if not row or all(not cell.strip() for cell in row):
+            continue
+        if len(row) <= max(cols):
+            raise UserError(f"{path}:{line}: expected {len(names)} fields, got {len(row)}")
+        t, prompt, output = (row[c].strip() for c in cols)
+        arrival = _number(path, line, "arrived_at", t)
+        if arrival < 0:
+            raise UserError(f"{path}:{line}: arrived_at is negative ({t})")
+        rows.append((arrival, _count(path, line, "num_prefill_tokens", prompt),
+                     _count(path, line, "num_decode_tokens", output)))
     if not rows:
         raise UserError(f"{path}: trace has a header but no requests")
     rows.sort(key=lambda r: r[0])  # stable: equal times keep file order

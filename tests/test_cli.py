@@ -93,10 +93,47 @@ def test_uncapturable_architecture_names_the_stage(tmp_path):
     assert "build failed" in line
 
 
-def test_bad_flag_values_exit_2():
-    result = _run("capture", "llama-3.1-8b", "--phase", "sideways")
-    assert result.returncode == 2
-    assert "invalid choice" in result.stderr
+def test_bad_flag_values_exit_2_with_one_line(capsys):
+    for args, message in [
+            (("capture", "llama-3.1-8b", "--phase", "sideways"), "invalid choice"),
+            (("simulate",), "the following arguments are required: MODEL"),
+            (("profile", "llama-3.2-1b", "--rep-ms", "nan"),
+             "--rep-ms: expected a positive number, got 'nan'"),
+            (("profile", "llama-3.2-1b", "--warmup-ms", "-1"), "--warmup-ms: expected a number"),
+            (("predict", "llama-3.2-1b", "--batch", "decode:1x8", "--skew", "nan"),
+             "--skew: expected a number >= 0"),
+            (("validate-steps", "llama-3.2-1b", "--reps", "0"),
+             "--reps: expected a positive integer, got '0'")]:
+        assert main(list(args)) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
+
+
+def test_outputs_that_would_replace_an_input_or_cannot_be_written_are_refused(tmp_path,
+                                                                              capsys):
+    """Checked before any work: the DB, the trace and the folders are left as they were."""
+    from dooly_fx.db import LatencyDB
+
+    db = tmp_path / "lat.db"
+    LatencyDB.open(db).close()
+    trace = tmp_path / "t.csv"
+    trace.write_text("arrived_at,num_prefill_tokens,num_decode_tokens\n0,8,2\n")
+    before = db.read_bytes(), trace.read_bytes()
+    for args, message in [
+            (("fit", "--db", str(db), "--json", str(db)),
+             f"--json {db} is the file given to --db; write to another file"),
+            (("simulate", "m", "--trace", str(trace), "--chrome-trace", str(trace)),
+             "is the file given to --trace"),
+            (("zoo", "--json", str(tmp_path)), "give a file name, not a folder"),
+            (("zoo", "--json", str(db / "x.json")), f"{db} is not a folder"),
+            (("simulate", "m", "--qps", "1", "--plot", str(tmp_path / "p.txt")),
+             "name a .png, .svg, .pdf file"),
+            (("coverage", "m", "--db", str(db), "--html", str(db)), "not a folder")]:
+        assert main(list(args)) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], lines
+    assert (db.read_bytes(), trace.read_bytes()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lat.db", "t.csv"]
 
 
 def test_json_to_missing_folder_is_a_user_error(tmp_path):

@@ -8,6 +8,7 @@ import os
 import signal
 import sqlite3
 import time
+from functools import partial
 
 import pytest
 
@@ -307,3 +308,36 @@ def test_a_db_file_another_profiler_is_still_creating_is_opened_not_refused(tmp_
     thread.join()
     first.close()
     assert meta["app"] == "dooly_fx latency db"
+
+
+def test_an_interrupted_profile_keeps_the_old_timing_of_a_forgotten_point(tmp_path):
+    with _fresh(tmp_path / "lat.db") as db:
+        run = db.start_run(ENV, "test")
+        db.claim(ENV, SIG, POINTS[:2], run)
+        db.record(ENV, SIG, [(POINTS[0], _timing(1.5)), (POINTS[1], _timing(2.5))], run, 0.1)
+        assert db.forget(ENV, [SIG], "lowering changed") == 2
+        assert db.claim(ENV, SIG, POINTS[:3], run) == POINTS[:3]
+        db.release(ENV, SIG, POINTS[:3])  # Ctrl-C before any was measured again
+        rows = db.conn.execute("SELECT point, status, median_ms, attempts FROM points "
+                               "ORDER BY point").fetchall()
+        assert sorted(tuple(r) for r in rows) == sorted([
+            (POINTS[0], "failed", 1.5, 0), (POINTS[1], "failed", 2.5, 0)])
+        assert db.claim(ENV, SIG, POINTS[:3], run) == POINTS[:3]  # all still to measure
+
+
+def test_folders_empty_files_and_bad_schema_versions_are_one_line_errors(tmp_path):
+    (tmp_path / "folder.db").mkdir()
+    (tmp_path / "empty.db").write_bytes(b"")
+    bad = tmp_path / "bad.db"
+    _fresh(bad).close()
+    with sqlite3.connect(bad) as conn:
+        conn.execute("UPDATE meta SET value = 'abc' WHERE key = 'schema_version'")
+    before = bad.read_bytes()
+    for name, message in [("folder.db", "a folder, not a latency DB"),
+                          ("empty.db", "an empty file, not a latency DB"),
+                          ("bad.db", "corrupt latency DB \\(schema version 'abc'\\)")]:
+        for attempt in (partial(LatencyDB.open, create=False), upgrade):
+            with pytest.raises(UserError, match=message) as err:
+                attempt(tmp_path / name)
+            assert "\n" not in str(err.value)
+    assert bad.read_bytes() == before

@@ -116,7 +116,8 @@ def test_token_count_is_a_product_of_distinct_symbols():
 def test_parse_batch_items_and_errors():
     assert parse_batch("prefill:2x3,decode:1x5") == [(3, 0), (3, 0), (1, 5)]
     assert parse_batch("mixed:1x4+8, 2x1+3") == [(4, 8), (1, 3), (1, 3)]
-    for bad in ("", "prefill:2x3+1", "decode:2x3+1", "2y3", "prefill:0x3"):
+    for bad in ("", "prefill:2x3+1", "decode:2x3+1", "2y3", "prefill:0x3",
+                "decode:10000000000x1", "decode:1048576x8,prefill:1x8"):
         with pytest.raises(UserError):
             parse_batch(bad)
 

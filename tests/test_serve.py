@@ -33,6 +33,8 @@ TRACE = SHARED / "traces" / "splitwise_conv.csv"
 VIDUR_MLP = SHARED / "vidur_profiles" / "h100" / "Llama-2-7b-hf.mlp.csv"
 H100_ENV = "dc371c01ad193bd855816ee036af5899d677d52b6cda860135be371723e67822"
 ENGINE = "padded|sdpa|bfloat16"
+SERVED_RUN = (Path(__file__).parents[1] / "bench" / "results" / "serving"
+              / "serving_llama-3.2-1b_sdpa.json")
 
 
 def _cli(capsys, *args: str) -> tuple[int, str, str]:
@@ -112,8 +114,39 @@ def test_simulate_at_another_host_speed(tmp_path, capsys):
         assert runs["db"]["host_probe_ms"] == pytest.approx(db.host_probe_ms(H100_ENV))
     assert (runs["fast"]["host_probe_ms"], runs["slow"]["host_probe_ms"]) == (0.5, 1.0)
     assert runs["slow"]["tpot"]["p50"] > 1.5 * runs["fast"]["tpot"]["p50"]
-    line = _one_line_error(capsys, "simulate", "llama-3.2-1b", "--qps", "1", "--host-probe", "-1")
-    assert "--host-probe" in line
+    for bad in ("-1", "inf"):
+        line = _one_line_error(capsys, "simulate", "llama-3.2-1b", "--qps", "1",
+                               "--host-probe", bad)
+        assert "--host-probe" in line
+
+
+def test_options_that_would_be_ignored_are_refused(capsys):
+    """Options that do not apply to what was asked are errors, not silently dropped."""
+    for args, message in [
+            (("--qps", "1", "--cv", "3"), "--cv shapes gamma arrivals; add --arrival gamma"),
+            (("--qps", "1", "--num-blocks", "64", "--gpu-memory-fraction", "0.5"),
+             "give --num-blocks or --gpu-memory-fraction, not both"),
+            (("--qps", "1", "--seed", "-1"), "--seed: expected an integer >= 0, got '-1'")]:
+        line = _one_line_error(capsys, "simulate", "llama-3.2-1b", "--num-requests", "4", *args)
+        assert message in line
+
+
+def test_measured_runs_of_another_model_or_engine_are_refused(tmp_path, capsys):
+    """`validate-serving --measured` compares a saved run only with the model and engine it
+    measured; a field of the wrong type is named."""
+    run = json.loads(SERVED_RUN.read_text())
+    for args, message in [
+            (("llama-3.1-8b",), f"a measurement of {run['model']}, not llama-3.1-8b"),
+            ((run["model"], "--attn", "eager"),
+             f"measured on {run['engine']}, not paged|eager|bfloat16"),
+            ((run["model"], "--qps", "2"), "--measured replays the saved run's own requests")]:
+        line = _one_line_error(capsys, "validate-serving", *args, "--measured", str(SERVED_RUN))
+        assert message in line
+    run["measured"]["steps"][3]["new"] = "x"
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(run))
+    line = _one_line_error(capsys, "validate-serving", run["model"], "--measured", str(bad))
+    assert "steps[3].new is 'x', not list[int]" in line
 
 
 def test_synthetic_rates_scale_the_same_requests():
@@ -542,9 +575,12 @@ def test_forget_marks_a_kind_to_be_measured_again(tiny_db, tmp_path, capsys):
         assert all(r["status"] == "failed" and r["attempts"] == 0 and r["median_ms"] > 0
                    for r in rows)
         assert all(not db.ok_points(env, s) for s in norms)
-    line = _one_line_error(capsys, "forget", tiny_db[1], "--db", str(path), "--kind", "moe",
-                           "--device", "cpu")
-    assert line == f"error: no unit of kind moe in {tiny_db[1]}"
+    before = path.read_bytes()
+    line = _one_line_error(capsys, "forget", tiny_db[1], "--db", str(path), "--kind", "norm",
+                           "--kind", "moe", "--device", "cpu")  # one kind it lacks: none marked
+    assert line.startswith(f"error: no unit of kind moe in {tiny_db[1]} (their kinds: ")
+    assert "norm" in line
+    assert path.read_bytes() == before
 
 
 def test_a_garbage_collection_inside_a_step_is_charged_to_it():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 
@@ -268,6 +269,15 @@ def test_read_trace_empty_or_headerless(tmp_path, text, message):
     path.write_text(text)
     with pytest.raises(UserError, match=message):
         read_trace(path)
+
+
+def test_read_trace_of_a_compressed_file_or_a_folder(tmp_path):
+    packed = tmp_path / "t.csv.gz"
+    packed.write_bytes(gzip.compress(b"arrived_at,num_prefill_tokens,num_decode_tokens\n0,1,1\n"))
+    with pytest.raises(UserError, match="not a CSV trace \\(not UTF-8 text\\)"):
+        read_trace(packed)
+    with pytest.raises(UserError, match="cannot read trace: Is a directory"):
+        read_trace(tmp_path)
 
 
 def test_read_real_trace():
