@@ -24,7 +24,7 @@ from dooly_fx.db import LatencyDB
 from dooly_fx.engine import EngineProfile
 from dooly_fx.errors import UserError
 from dooly_fx.hostinfo import require_device
-from dooly_fx.ui import out, progress, write_json
+from dooly_fx.ui import err, out, progress, write_json
 
 
 def _environment(db: LatencyDB, device: str) -> dict:
@@ -206,6 +206,13 @@ def cmd_predict(args: argparse.Namespace) -> None:
     if step.setup_ms:
         out.print(f"a step at an attention shape new to the engine also pays "
                   f"{step.setup_ms:.3f} ms of per-shape setup")
+    outside = [u for u in step.units if u.extrapolated]
+    if outside:
+        share = sum(u.count * u.gpu_ms for u in outside) / step.gpu_ms if step.gpu_ms else 1.0
+        err.print(f"[yellow]warning: {len(outside)} of {len(step.units)} units ({share:.0%} of "
+                  "the GPU time) are predicted outside the points profiled for them "
+                  "(extrapolated): profile with larger bounds to measure this step's range",
+                  soft_wrap=True)
     if args.json:
         write_json(args.json, {"model": name, "environment": env["fingerprint"],
                                "device": env["device"], "batch": batch, **step.to_json(),

@@ -193,6 +193,9 @@ def export_vidur(loaded: Loaded, max_tokens: int = 4096, max_batch: int = 128,
     `max_batch`. `block_size` only labels the rows; Vidur keeps rows of its own block size."""
     if max_tokens < 1 or max_batch < 1 or block_size < 1:
         raise UserError("--max-tokens, --max-batch-size and --block-size must be positive")
+    if not attention_grid(max_tokens, max_batch):
+        raise UserError(f"--max-tokens {max_tokens}: Vidur's attention grid has no point below "
+                        "it (its first is a 32-token prefill: give at least 33)")
     flat = FlatStepTime(loaded)  # refuses a model with unfitted units
     cfg = loaded.config
     layers = int(cfg["num_hidden_layers"])

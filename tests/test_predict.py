@@ -378,6 +378,15 @@ def test_predict_cli_json_contract_and_bad_batch(tiny_db, tmp_path):
     assert report["total_ms"] == pytest.approx(max(report["gpu_ms"], report["host_ms"]))
     assert {u["role"] for u in report["units"]} >= {"lm_head"}
     assert all(u["gpu_ms"] > 0 for u in report["units"])
+    inside = _cli("predict", spec.name, "--db", str(path), "--device", "cpu",
+                  "--batch", "decode:2x16")  # the profiled decode points: B 1..2, P 16
+    assert inside.returncode == 0 and "warning" not in inside.stderr, inside.stderr
+    outside = _cli("predict", spec.name, "--db", str(path), "--device", "cpu",
+                   "--batch", "decode:2x4096")
+    assert outside.returncode == 0, outside.stderr
+    (line,) = [ln for ln in outside.stderr.splitlines() if ln.startswith("warning: ")]
+    assert line.startswith("warning: 3 of ") and "are predicted outside the points profiled " \
+        "for them (extrapolated)" in line
     bad = _cli("predict", spec.name, "--db", str(path), "--device", "cpu", "--batch", "2y3")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "bad batch" in bad.stderr
     slow = tmp_path / "slow.json"

@@ -436,6 +436,10 @@ def test_export_vidur_from_a_paged_profile_follows_the_token_count(tmp_path, cap
                    if set(u.point) - {"m", "skew"}) / layers
         column = "attn_prefill" if prefill else "attn_decode"
         assert float(row[f"time_stats.{column}.median"]) == pytest.approx(want, rel=1e-9)
+    empty = tmp_path / "empty"
+    line = _one_line_error(capsys, "export-vidur", "llama-3.1-8b", "--out", str(empty),
+                           "--max-tokens", "32")
+    assert "Vidur's attention grid has no point below it" in line and not empty.exists()
 
 
 def test_vidur_grids_match_vidur():
