@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from dooly_fx.costs import cost
-from dooly_fx.db import LatencyDB
+from dooly_fx.db import LatencyDB, canonical_point
 from dooly_fx.profile import HARDWARE_PEAKS, savings
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -72,9 +72,7 @@ def analyse(db: LatencyDB, env: str, engine: str) -> dict:
         if key not in used:
             continue
         canonical = json.loads(text)
-        points = {p: ms for p, ms in db.conn.execute(
-            "SELECT point, median_ms FROM points WHERE signature = ? AND env = ? AND "
-            "status = 'ok'", (key, env))}
+        points = {canonical_point(p): ms for p, ms in db.ok_points(env, key)}
         if points:
             families[family_key(canonical)].append((key, kind, canonical, points))
     rows = []

@@ -71,33 +71,31 @@ def check_measured(path: str, saved: dict, model: str, engine: str) -> None:
 
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
-    return _number(text, int, 1, "a positive integer")
+    return _number(text, int, "a positive integer", lambda v: v >= 1)
 
 
 def non_negative_int(text: str) -> int:
     """argparse type: an integer >= 0."""
-    return _number(text, int, 0, "an integer >= 0")
+    return _number(text, int, "an integer >= 0", lambda v: v >= 0)
 
 
 def positive_float(text: str) -> float:
     """argparse type: a finite number > 0."""
-    value = _number(text, float, 0.0, "a positive number")
-    if value == 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
+    return _number(text, float, "a positive number", lambda v: v > 0)
 
 
 def non_negative_float(text: str) -> float:
     """argparse type: a finite number >= 0."""
-    return _number(text, float, 0.0, "a number >= 0")
+    return _number(text, float, "a number >= 0", lambda v: v >= 0)
 
 
-def _number(text: str, kind: type, least: float, what: str):
+def _number(text: str, kind: type, what: str, ok: Callable[[float], bool]):
+    """`text` as a finite `kind` that is `ok`, or argparse's error `expected what`."""
     try:
         value = kind(text)
     except ValueError:
         value = None
-    if value is None or not math.isfinite(value) or value < least:
+    if value is None or not math.isfinite(value) or not ok(value):
         raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
     return value
 
@@ -163,7 +161,4 @@ def host_probe_arg(text: str | None) -> float | None:
         return None
     if text == "here":
         return host_probe_ms(21)
-    value = positive_number(text, "--host-probe", "a positive time in ms, nor 'here'")
-    if math.isinf(value):
-        raise UserError(f"--host-probe: {text!r} is not a positive time in ms, nor 'here'")
-    return value
+    return positive_number(text, "--host-probe", "a positive time in ms, nor 'here'")

@@ -40,7 +40,8 @@ def _loaded(db: LatencyDB, args: argparse.Namespace):
 
 def _rates(text: str) -> list[float]:
     """`--qps`: one rate or several, comma-separated (requests per second; inf: all at once)."""
-    rates = [positive_number(item, f"--qps {text}", "a positive rate in requests per second")
+    rates = [positive_number(item, f"--qps {text}", "a positive rate in requests per second",
+                             allow_inf=True)
              for item in text.split(",")]
     if len(set(rates)) != len(rates):
         raise UserError(f"--qps {text}: a rate is given twice")

@@ -223,15 +223,15 @@ class LatencyDB:
         (`.gz`, as `SHIPPED_DB`) is read into memory; it opens only `readonly`.
         """
         path = Path(path)
-        _refuse_folder(path)
+        if path.is_dir():
+            raise UserError(f"{path}: a folder, not a latency DB")
         if path.suffix == ".gz":
             if not readonly:
                 _refuse_compressed(path)
             return cls(path, _open_compressed(path))
         exists = path.exists() and path.stat().st_size > 0
         if not exists and (not create or readonly):
-            raise UserError(f"{path}: " + ("an empty file, not a latency DB" if path.exists()
-                                           else "no such latency DB"))
+            _require_file(path)  # says what is there instead
         if exists:
             _check_header(path)
         if readonly:
@@ -611,9 +611,14 @@ def _has_table(conn: sqlite3.Connection, name: str) -> bool:
     return row is not None
 
 
-def _refuse_folder(path: Path) -> None:
+def _require_file(path: Path) -> None:
+    """A UserError unless `path` is a file with something in it (a DB to open, not make)."""
+    if not path.exists():
+        raise UserError(f"{path}: no such latency DB")
     if path.is_dir():
         raise UserError(f"{path}: a folder, not a latency DB")
+    if path.stat().st_size == 0:
+        raise UserError(f"{path}: an empty file, not a latency DB")
 
 
 def _refuse_compressed(path: Path) -> None:
@@ -765,11 +770,7 @@ def upgrade(path: str | Path) -> tuple[int, int]:
     """Upgrade a DB file in place to the current schema, in one transaction (all or nothing).
     Returns (from version, to version)."""
     path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: no such latency DB")
-    _refuse_folder(path)
-    if path.stat().st_size == 0:
-        raise UserError(f"{path}: an empty file, not a latency DB")
+    _require_file(path)
     if path.suffix == ".gz":
         _refuse_compressed(path)
     _check_header(path)

@@ -15,12 +15,13 @@ class StageError(UserError):
         super().__init__(f"{model}: {stage} failed: {reason}")
 
 
-def positive_number(text: str, context: str, what: str) -> float:
-    """`text` as a positive number (`inf` too), or a UserError `context: 'text' is not what`."""
+def positive_number(text: str, context: str, what: str, allow_inf: bool = False) -> float:
+    """`text` as a positive finite number (`inf` too where `allow_inf`), or a UserError
+    `context: 'text' is not what`."""
     try:
         value = float(text)
     except ValueError:
         value = float("nan")
-    if not value > 0:
+    if not value > 0 or (value == float("inf") and not allow_inf):
         raise UserError(f"{context}: {text!r} is not {what}")
     return value
